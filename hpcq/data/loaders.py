@@ -1,0 +1,359 @@
+"""The streaming unlabelled image pipeline for retraining under DistributedDataParallel.
+
+The pipeline is an explicit list of module-level (so picklable) WebDataset stages:
+
+    shard list -> split by rank -> split by worker -> repeat endlessly -> tar to samples -> count
+    -> shuffle -> decode PNG -> to tensor -> (augment) -> normalize -> batch
+
+Every rank reads a disjoint subset of the shards (split by the rank and world size passed in, never by
+environment variables), repeats it endlessly, and each epoch is cut at exactly ``batches_per_epoch``
+batches: DDP hangs in its all-reduce when one rank runs out of batches before the others.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import count, islice
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, get_worker_info
+
+from hpcq.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# Warn about the first few bad samples of a worker, then only every BAD_WARN_EVERY-th, so that a damaged
+# shard cannot flood the job log.
+BAD_WARN_FIRST = 10
+BAD_WARN_EVERY = 1000
+# A worker that has seen this many bad samples and not one good one is reading garbage; stop it rather
+# than spin forever on an endless stream.
+MAX_BAD_WITHOUT_GOOD = 1000
+
+
+class StreamHealth:
+    """Counts of one worker's stream, shared by its stages (they are pickled into the worker together)."""
+
+    def __init__(self, max_bad_without_good: int = MAX_BAD_WITHOUT_GOOD) -> None:
+        self.max_bad_without_good = max_bad_without_good
+        self.samples = 0  # raw samples read from tar files
+        self.good = 0  # samples that became tensors
+        self.bad = 0
+
+    def handle(self, exn: Exception) -> bool:
+        """WebDataset exception handler: count and warn, and go on with the next sample."""
+        self.bad += 1
+        if self.bad <= BAD_WARN_FIRST or self.bad % BAD_WARN_EVERY == 0:
+            logger.warning("skipping bad sample (%d bad so far in this worker): %s", self.bad, exn)
+        if self.good == 0 and self.bad >= self.max_bad_without_good:
+            raise DataError(
+                f"{self.bad} bad samples and no good one: the shards are not PNG image shards written by "
+                f"`hpcq shards` (last error: {exn}). Write them again with `hpcq shards`."
+            )
+        return True
+
+
+class ShardList(wds.PipelineStage):
+    """The source stage: the shard urls, once (RepeatShards repeats them after the split)."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = list(urls)
+
+    def run(self) -> Iterator[str]:
+        return iter(self.urls)
+
+
+def _split_by_rank(src: Iterable[str], rank: int, world_size: int) -> Iterator[str]:
+    yield from islice(src, rank, None, world_size)
+
+
+def _split_by_worker(src: Iterable[str]) -> Iterator[str]:
+    info = get_worker_info()
+    if info is None:
+        yield from src
+    else:
+        yield from islice(src, info.id, None, info.num_workers)
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return 0 if info is None else info.id
+
+
+def _stream_seed(*parts: int) -> int:
+    """A well-mixed 32-bit seed from (seed, epoch, rank, worker, stage)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class RepeatShards(wds.PipelineStage):
+    """Yield ``{"url": ...}`` for this worker's shards endlessly, in a new seeded order on each pass."""
+
+    def __init__(self, seed: int, epoch: int, rank: int, health: StreamHealth) -> None:
+        self.seed, self.epoch, self.rank, self.health = seed, epoch, rank, health
+
+    def run(self, src: Iterable[str]) -> Iterator[dict[str, str]]:
+        urls = list(src)
+        if not urls:
+            raise DataError(f"rank {self.rank} worker {_worker_id()} got no shard; use fewer workers.")
+        rng = np.random.default_rng(_stream_seed(self.seed, self.epoch, self.rank, _worker_id(), 1))
+        for pass_number in count():
+            before = self.health.samples
+            for index in rng.permutation(len(urls)):
+                # A fresh dict each time: the tar reader stores the open stream in it.
+                yield {"url": urls[index]}
+            # The counting stage has seen every sample of the pass by the time the next url is asked for.
+            if self.health.samples == before:
+                raise DataError(
+                    f"pass {pass_number} over the {len(urls)} shards of rank {self.rank} worker {_worker_id()} "
+                    f"gave no sample (e.g. {urls[0]}): the shards are empty or unreadable (see the warnings "
+                    "above). Write them again with `hpcq shards`."
+                )
+
+
+def _count_samples(src: Iterable[dict[str, Any]], health: StreamHealth) -> Iterator[dict[str, Any]]:
+    for sample in src:
+        health.samples += 1
+        yield sample
+
+
+class SeededShuffle(wds.PipelineStage):
+    """Shuffle samples through a buffer, with a seed that differs per epoch, rank and worker."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int) -> None:
+        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
+
+    def run(self, src: Iterable[Any]) -> Iterator[Any]:
+        if self.bufsize <= 1:
+            return iter(src)
+        seed = _stream_seed(self.seed, self.epoch, self.rank, _worker_id(), 2)
+        return wds.shuffle(self.bufsize, initial=self.bufsize, seed=seed)(iter(src))
+
+
+def _decode_png(sample: dict[str, Any]) -> np.ndarray:
+    where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
+    data = sample.get("png")
+    if data is None:
+        raise ValueError(f"{where} has no .png member (members: {sorted(k for k in sample if k[0] != '_')})")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode not in ("L", "RGB"):
+                image = image.convert("RGB")
+            return np.array(image, dtype=np.uint8)
+    except Exception as exc:
+        # PIL raises many exception types for broken data; each means "this sample is bad".
+        raise ValueError(f"{where}: cannot decode PNG: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_tensor(src: Iterable[np.ndarray], health: StreamHealth) -> Iterator[torch.Tensor]:
+    for array in src:
+        tensor = torch.from_numpy(array)
+        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        health.good += 1
+        yield tensor.float().div_(255.0)
+
+
+class RandomFlipShift(wds.PipelineStage):
+    """Light augmentation: horizontal flip with probability 1/2, and a random shift of up to ~10% of the
+    side, padded with black (the background of the prepared images)."""
+
+    def __init__(self, seed: int, epoch: int, rank: int) -> None:
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+
+    def run(self, src: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(
+            _stream_seed(self.seed, self.epoch, self.rank, _worker_id(), 3)
+        )
+        for image in src:
+            if torch.rand((), generator=generator) < 0.5:
+                image = image.flip(-1)
+            height, width = image.shape[-2:]
+            pad = max(1, round(0.1 * min(height, width)))
+            top, left = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+            yield F.pad(image, (pad, pad, pad, pad))[:, top : top + height, left : left + width]
+
+
+class Normalize:
+    """``(x - mean) / std`` per channel; a single value applies to every channel."""
+
+    def __init__(self, mean: float | Sequence[float], std: float | Sequence[float]) -> None:
+        self.mean = _per_channel("mean", mean)
+        self.std = _per_channel("std", std)
+        if (self.std <= 0).any():
+            raise DataError(f"std must be positive, got {std}")
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        channels = image.shape[0]
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise DataError(
+                    f"{name} has {len(values)} values but the images have {channels} channels; give one value "
+                    f"or {channels}."
+                )
+        return (image - self.mean.view(-1, 1, 1)) / self.std.view(-1, 1, 1)
+
+
+def _per_channel(name: str, value: float | Sequence[float]) -> torch.Tensor:
+    values = [value] if isinstance(value, (int, float)) else list(value)
+    if not values:
+        raise DataError(f"{name} must be a number or a list of one number per channel, got {value!r}")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) > 1:
+        raise DataError(
+            f"images of different shapes {sorted(shapes)} in one batch: the shards mix image sizes or channels; "
+            "use shards written with one image_size and channels."
+        )
+    return torch.stack(images)
+
+
+class UnlabelledLoader:
+    """Iterable over normalized float batches (B, C, H, W); every iteration is one epoch of exactly
+    ``batches_per_epoch`` batches. Epochs are numbered from 0 and advance on each iteration; call
+    set_epoch() to choose one (e.g. when resuming), which also fixes its shuffling."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        batches_per_epoch: int,
+        shuffle_buffer: int,
+        seed: int,
+        augment: bool,
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
+    ) -> None:
+        _check_counts(batch_size=batch_size, batches_per_epoch=batches_per_epoch, world_size=world_size)
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank must be in 0..{world_size - 1} for world_size {world_size}, got {rank}")
+        if num_workers < 0:
+            raise DataError(f"num_workers must be 0 or more, got {num_workers}")
+        if shuffle_buffer < 0:
+            raise DataError(f"shuffle_buffer must be 0 (no shuffling) or more, got {shuffle_buffer}")
+        needed = world_size * max(1, num_workers)
+        if len(urls) < needed:
+            raise DataError(
+                f"{len(urls)} shards for {world_size} ranks x {max(1, num_workers)} data loader workers: every "
+                f"worker of every rank needs its own shard, so at least {needed} are needed. Write more, smaller "
+                "shards with `hpcq shards --shard-size N`, or use fewer workers."
+            )
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.batches_per_epoch = batches_per_epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.augment = augment
+        self.normalize = Normalize(mean, std)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch``."""
+        self.epoch = epoch
+
+    def stages(self, epoch: int) -> list[Any]:
+        """The pipeline stages of one epoch, in order."""
+        health = StreamHealth()
+        return [
+            ShardList(self.urls),
+            wds.pipelinefilter(_split_by_rank)(self.rank, self.world_size),
+            _split_by_worker,
+            RepeatShards(self.seed, epoch, self.rank, health),
+            wds.tarfile_to_samples(handler=health.handle),
+            wds.pipelinefilter(_count_samples)(health),
+            SeededShuffle(self.shuffle_buffer, self.seed, epoch, self.rank),
+            wds.map(_decode_png, handler=health.handle),
+            wds.pipelinefilter(_to_tensor)(health),
+            RandomFlipShift(self.seed, epoch, self.rank) if self.augment else None,
+            wds.map(self.normalize),
+            wds.batched(self.batch_size, collation_fn=_stack, partial=False),
+        ]
+
+    def pipeline(self, epoch: int) -> wds.DataPipeline:
+        """The WebDataset pipeline of one epoch (endless; the loader cuts it)."""
+        return wds.DataPipeline(*self.stages(epoch))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        # A new DataLoader per epoch hands the epoch's seeds to fresh workers; the cost (starting workers)
+        # is small next to an epoch of training.
+        loader = DataLoader(self.pipeline(epoch), batch_size=None, num_workers=self.num_workers)
+        produced = 0
+        for batch in islice(loader, self.batches_per_epoch):
+            produced += 1
+            yield batch
+        if produced < self.batches_per_epoch:
+            raise DataError(
+                f"the data stream of rank {self.rank} ended after {produced} of {self.batches_per_epoch} "
+                "batches; the shards are damaged. Write them again with `hpcq shards`."
+            )
+
+
+def unlabelled_loader(
+    urls: list[str],
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    batches_per_epoch: int,
+    shuffle_buffer: int,
+    seed: int,
+    augment: bool,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+) -> UnlabelledLoader:
+    """Stream unlabelled PNG shards as normalized float batches (B, C, H, W) for one DDP rank.
+
+    Args:
+        urls: shard paths (see shard_urls); at least world_size * max(1, num_workers) of them.
+        batch_size: images per batch (per rank).
+        rank, world_size: this process's place in the job; each rank reads a disjoint subset of shards.
+        num_workers: DataLoader worker processes (0 reads in this process).
+        batches_per_epoch: every iteration yields exactly this many batches on every rank.
+        shuffle_buffer: samples held for shuffling (0 or 1: no shuffling).
+        seed: base seed; shard order, shuffling and augmentation depend on (seed, epoch, rank, worker).
+        augment: random horizontal flips and small shifts.
+        mean, std: normalization, one value or one per channel.
+
+    Raises:
+        DataError: too few shards for the ranks and workers, or invalid sizes.
+    """
+    return UnlabelledLoader(
+        urls,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        batches_per_epoch=batches_per_epoch,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        augment=augment,
+        mean=mean,
+        std=std,
+    )
+
+
+def _check_counts(**counts: int) -> None:
+    for name, value in counts.items():
+        if value < 1:
+            raise DataError(f"{name} must be at least 1, got {value}")

@@ -1,0 +1,122 @@
+"""Codebook fitting: one interface, two backends.
+
+- ``exact`` (default for scalar weights): optimal 1-D k-means on a fine histogram, deterministic.
+- ``faiss``: ``faiss.Kmeans`` on GPU when present, CPU otherwise, with ``niter``, ``seed`` and
+  ``max_points_per_centroid`` set explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcq.errors import QuantizationError
+from hpcq.kmeans import exact
+from hpcq.kmeans.faiss_backend import fit_faiss
+
+METHODS = ("exact", "faiss")
+
+
+@dataclass(frozen=True)
+class CodebookFit:
+    """A fitted codebook: sorted float32 centroids, one centroid index per value, and the weighted SSE."""
+
+    centroids: np.ndarray
+    assignments: np.ndarray
+    sse: float
+
+    @property
+    def k(self) -> int:
+        """Number of centroids."""
+        return int(self.centroids.size)
+
+
+def _as_numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1))
+
+
+def _check_inputs(values: np.ndarray, k: int, sample_weight: np.ndarray | None) -> None:
+    if values.size == 0:
+        raise QuantizationError("cannot fit a codebook to an empty tensor (the layer has no weights)")
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+        raise QuantizationError(f"number of centroids k must be an integer >= 1, got {k!r}")
+    if not np.all(np.isfinite(values)):
+        bad = int(values.size - np.isfinite(values).sum())
+        raise QuantizationError(f"{bad} of {values.size} weights are NaN or infinite; fix the model before quantizing")
+    if sample_weight is not None:
+        if sample_weight.shape != values.shape:
+            raise QuantizationError(
+                f"sample_weight has {sample_weight.size} values but there are {values.size} weights"
+            )
+        if not np.all(np.isfinite(sample_weight)) or np.any(sample_weight < 0) or not sample_weight.sum() > 0:
+            raise QuantizationError("sample_weight must be finite, >= 0 and not all zero")
+    # Cheap check first: a prefix with k distinct values proves there are enough.
+    if np.unique(values[: 64 * k]).size < k:
+        distinct = np.unique(values).size
+        if distinct < k:
+            raise QuantizationError(
+                f"k={k} is more centroids than the {distinct} distinct values in the tensor; use k <= {distinct}"
+            )
+
+
+def weighted_sse(values: np.ndarray, sample_weight: np.ndarray | None, centroids: np.ndarray, assignments: np.ndarray) -> float:
+    """Weighted sum of squared distances of the values to their assigned centroids."""
+    total = 0.0
+    for part in exact._chunks(values.size):
+        diff = values[part].astype(np.float64) - centroids[assignments[part]].astype(np.float64)
+        sq = diff * diff
+        total += float(sq.sum() if sample_weight is None else (sq * sample_weight[part]).sum())
+    return total
+
+
+def fit_codebook(
+    values: np.ndarray | torch.Tensor,
+    k: int,
+    *,
+    method: str = "exact",
+    sample_weight: np.ndarray | torch.Tensor | None = None,
+    bins: int = 0,
+    niter: int = 25,
+    seed: int = 0,
+    max_points_per_centroid: int = 0,
+    device: str = "auto",
+) -> CodebookFit:
+    """Fit a k-centroid codebook to the scalar ``values`` (any shape; flattened).
+
+    ``sample_weight`` (same number of values, >= 0) weighs each value's squared error, e.g. by its
+    sensitivity. ``bins`` sets the exact method's histogram resolution (0: automatic). ``niter``, ``seed``,
+    ``max_points_per_centroid`` (0: all points) and ``device`` configure the FAISS method, which ignores
+    ``sample_weight`` only by refusing it. Errors: empty input, NaN/inf, k < 1, k above the distinct values.
+    """
+    if method not in METHODS:
+        raise QuantizationError(f"unknown k-means method {method!r}; choose one of {METHODS}")
+    x = _as_numpy(values)
+    w = None if sample_weight is None else _as_numpy(sample_weight)
+    _check_inputs(x, k, w)
+    if method == "faiss":
+        if w is not None:
+            raise QuantizationError("the faiss method has no per-value weights; use method exact for sample_weight")
+        centroids = np.sort(
+            fit_faiss(x.reshape(-1, 1), k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
+                      device=device).reshape(-1)
+        ).astype(np.float64)
+        assignments = exact.assign_nearest(x, centroids)
+        sse = weighted_sse(x, w, centroids, assignments)
+    else:
+        centroids, assignments, sse = _fit_exact(x, k, w, bins or exact.default_bins(k))
+    return CodebookFit(centroids.astype(np.float32), assignments, sse)
+
+
+def _fit_exact(x: np.ndarray, k: int, w: np.ndarray | None, bins: int) -> tuple[np.ndarray, np.ndarray, float]:
+    binned = exact.distinct_values(x, w) if x.size <= bins else exact.histogram(x, w, bins)
+    if binned.stats.size < k and x.size > bins:  # values crowd into few bins: one bin per distinct value
+        binned = exact.distinct_values(x, w)
+    if binned.stats.size < k:
+        raise QuantizationError(
+            f"k={k} is more centroids than the {binned.stats.size} distinct values with non-zero weight"
+        )
+    return exact.fit_binned(binned, k)
