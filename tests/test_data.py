@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import logging
 import math
@@ -22,6 +23,7 @@ from hpcq.data import (
     OPENCLIPART_ROOT,
     BadImageError,
     fashion_mnist_samples,
+    finite_unlabelled_batches,
     image_folder_samples,
     list_images,
     load_fashion_mnist,
@@ -85,6 +87,18 @@ def gray_ids(batch: torch.Tensor) -> list[int]:
 def tar_members(shard: Path) -> list[str]:
     with tarfile.open(shard) as tar:
         return tar.getnames()
+
+
+def read_shard(shard: Path | str) -> list[dict[str, object]]:
+    """The samples of one shard, read with tarfile (not webdataset): key, gray image, label if any."""
+    rows: dict[str, dict[str, object]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            key, suffix = member.name.split(".", 1)
+            data = tar.extractfile(member).read()
+            row = rows.setdefault(key, {"__key__": key})
+            row[suffix] = np.array(Image.open(io.BytesIO(data))) if suffix == "png" else int(data)
+    return list(rows.values())
 
 
 # --- Fashion-MNIST ----------------------------------------------------------------------------------------
@@ -186,10 +200,11 @@ def test_train_validation_indices() -> None:
 # --- images -----------------------------------------------------------------------------------------------
 
 
-def test_prepare_image_alpha_on_black(tmp_path: Path) -> None:
-    rgba = np.zeros((20, 40, 4), dtype=np.uint8)
-    rgba[:, :20] = (255, 0, 0, 255)  # opaque red left half
-    rgba[:, 20:] = (255, 255, 255, 0)  # transparent white right half: must come out black
+@pytest.mark.parametrize("width", [40, 800])  # 800: large enough to be box-reduced before compositing
+def test_prepare_image_alpha_on_black(tmp_path: Path, width: int) -> None:
+    rgba = np.zeros((width // 2, width, 4), dtype=np.uint8)
+    rgba[:, : width // 2] = (255, 0, 0, 255)  # opaque red left half
+    rgba[:, width // 2 :] = (255, 255, 255, 0)  # transparent white right half: must come out black
     path = tmp_path / "alpha.png"
     Image.fromarray(rgba, "RGBA").save(path)
 
@@ -273,7 +288,7 @@ def test_write_shards_from_folder(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert len(members) == 7 and all(name.endswith(".png") for name in members)
     assert all(name.count(".") == 1 for name in members)  # keys carry no dots ("img.003" -> "img_003")
     assert "topic0_img_003.png" in members
-    first = next(iter(wds.WebDataset(str(out / report.shards[0]), shardshuffle=False).decode("l8")))
+    first = read_shard(out / report.shards[0])[0]
     assert first["png"].shape == (12, 12) and first["png"].dtype == np.uint8
 
     urls = shard_urls(out)
@@ -317,7 +332,7 @@ def test_fashion_mnist_samples_labelled(tmp_path: Path) -> None:
     samples = fashion_mnist_samples("train", [2, 7], root=tmp_path / "fm")
     report = write_shards(samples, tmp_path / "out", 5, description={"source": "fashion-mnist"})
     assert report.labelled and report.written == 2 and len(report.shards) == 1
-    rows = list(wds.WebDataset(shard_urls(tmp_path / "out"), shardshuffle=False).decode("l8"))
+    rows = [row for url in shard_urls(tmp_path / "out") for row in read_shard(url)]
     assert [row["__key__"] for row in rows] == ["train-00002", "train-00007"]
     assert [int(row["cls"]) for row in rows] == [int(labels[2]), int(labels[7])]
     np.testing.assert_array_equal(rows[1]["png"], images[7])
@@ -368,7 +383,7 @@ def loader_for(urls: list[str], rank: int, **overrides: object):
 def shard_ids(urls: list[str], indices: list[int]) -> set[int]:
     ids = set()
     for index in indices:
-        for row in wds.WebDataset(urls[index], shardshuffle=False).decode("l8"):
+        for row in read_shard(urls[index]):
             ids.add((int(row["png"][10, 10]) - 10) // 3)
     return ids
 
@@ -405,17 +420,29 @@ def test_loader_with_workers_and_augmentation(id_shards: list[str]) -> None:
     pickle.dumps(loader.pipeline(0))  # every stage is picklable (spawn / forkserver workers)
 
 
+def test_finite_batches_one_ordered_pass(id_shards: list[str]) -> None:
+    batches = finite_unlabelled_batches(id_shards, batch_size=5, mean=0.0, std=1.0)
+    first = list(batches)
+    assert [b.shape[0] for b in first] == [5, 5, 5, 5, 4]  # all 24 images, last batch partial
+    expected = [(int(row["png"][10, 10]) - 10) // 3 for url in id_shards for row in read_shard(url)]
+    assert [i for b in first for i in gray_ids(b)] == expected  # shard order, no shuffling
+    assert [i for b in batches for i in gray_ids(b)] == expected  # iterating again repeats the pass
+
+
 def test_loader_skips_bad_samples(
     tmp_path: Path, id_shards: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     bad_shard = tmp_path / "bad.tar"
     with wds.TarWriter(str(bad_shard), encoder=False) as sink:
         sink.write({"__key__": "broken", "png": b"not a png"})
-    urls = [str(bad_shard)] + id_shards[1:]
+    truncated_shard = tmp_path / "truncated.tar"
+    truncated_shard.write_bytes(Path(id_shards[1]).read_bytes()[:1500])
+    urls = [str(bad_shard), str(truncated_shard)] + id_shards[2:]
     with caplog.at_level(logging.WARNING):
         batches = list(loader_for(urls, 0, world_size=1, batches_per_epoch=8))
     assert len(batches) == 8
     assert "skipping bad sample" in caplog.text and "broken" in caplog.text
+    assert "truncated.tar" in caplog.text
 
 
 def test_loader_all_bad_shards_fail_clearly(tmp_path: Path) -> None:

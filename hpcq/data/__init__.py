@@ -8,7 +8,7 @@ from hpcq.data.fashion_mnist import (
     train_validation_indices,
 )
 from hpcq.data.images import IMAGE_SUFFIXES, OPENCLIPART_ROOT, BadImageError, list_images, prepare_image
-from hpcq.data.loaders import UnlabelledLoader, unlabelled_loader
+from hpcq.data.loaders import UnlabelledLoader, finite_unlabelled_batches, unlabelled_loader
 from hpcq.data.shards import (
     Sample,
     ShardReport,
@@ -29,6 +29,7 @@ __all__ = [
     "ShardReport",
     "UnlabelledLoader",
     "fashion_mnist_samples",
+    "finite_unlabelled_batches",
     "image_folder_samples",
     "list_images",
     "load_fashion_mnist",

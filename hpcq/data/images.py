@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def prepare_image(data: bytes | Path, image_size: int, channels: int) -> np.ndar
         raise DataError(f"channels must be 1 (gray) or 3 (RGB), got {channels}")
     name = str(data) if isinstance(data, Path) else f"<{len(data)} bytes>"
     try:
-        image = _decode(data)
+        image = _decode(data, image_size)
     except Exception as exc:
         # PIL raises many unrelated types for broken files (OSError, SyntaxError, ValueError, EOFError,
         # struct.error, DecompressionBombError...); all of them mean "this one file is unusable".
@@ -110,27 +111,45 @@ def prepare_image(data: bytes | Path, image_size: int, channels: int) -> np.ndar
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def _decode(data: bytes | Path) -> Image.Image:
-    """Open, fully decode and flatten the alpha of an image; returns an L or RGB image."""
+def _decode(data: bytes | Path, image_size: int) -> Image.Image:
+    """Decode an image fully and flatten it (see _flatten): returns L or RGB."""
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    with Image.open(source) as opened:
-        # load() forces decoding now, so a truncated file fails here rather than later.
-        opened.load()
-        image = _to_8bit(opened)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("RGB")
-    if image.mode in ("L", "RGB"):
-        return image
-    # Palette, bilevel, CMYK, YCbCr...: RGB keeps all their information.
-    return image.convert("RGB")
+    with warnings.catch_warnings():
+        # PIL warns about every image above ~90 megapixels (openclipart has a dozen); its hard limit
+        # (twice that: DecompressionBombError, so a BadImageError) still protects memory.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # All work happens inside this block: closing a PIL image frees its pixels.
+        with Image.open(source) as opened:
+            # load() forces decoding now, so a truncated file fails here rather than later.
+            opened.load()
+            image = _flatten(_to_8bit(opened), image_size)
+            if image is opened:
+                image = image.copy()
+    return image
+
+
+def _flatten(image: Image.Image, image_size: int) -> Image.Image:
+    """Shrink a huge image and composite its alpha over black: returns L or RGB."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        image = image.convert("RGBA")
+    elif image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")  # palette, bilevel, CMYK...: RGB keeps all their information
+    # Some clip art exceeds 100 megapixels; an integer box reduction first (PIL premultiplies alpha for
+    # it) makes those several times cheaper and keeps 4x oversampling for the final Lanczos filter.
+    factor = max(image.size) // (4 * image_size)
+    if factor >= 2:
+        image = image.reduce(factor)
+    if has_alpha:
+        black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, image).convert("RGB")
+    return image
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
     """Map 16-bit and float gray images to 8-bit gray; PIL's own convert would clip them at 255."""
     if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
-        return image.copy()
+        return image
     values = np.asarray(image, dtype=np.float64)
     top = 65535.0 if image.mode.startswith("I") and values.max(initial=0) > 255 else 255.0
     if image.mode == "F":

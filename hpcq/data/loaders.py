@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from hpcq.errors import DataError
 
@@ -106,7 +107,6 @@ class RepeatShards(wds.PipelineStage):
         for pass_number in count():
             before = self.health.samples
             for index in rng.permutation(len(urls)):
-                # A fresh dict each time: the tar reader stores the open stream in it.
                 yield {"url": urls[index]}
             # The counting stage has seen every sample of the pass by the time the next url is asked for.
             if self.health.samples == before:
@@ -115,6 +115,28 @@ class RepeatShards(wds.PipelineStage):
                     f"gave no sample (e.g. {urls[0]}): the shards are empty or unreadable (see the warnings "
                     "above). Write them again with `hpcq shards`."
                 )
+
+
+def _tar_to_samples(src: Iterable[dict[str, str]], health: StreamHealth) -> Iterator[dict[str, Any]]:
+    """Like wds.tarfile_to_samples, but closes each shard file as soon as it is read (and when the
+    epoch is cut mid-shard) instead of leaving it to the garbage collector."""
+    return group_by_keys(
+        tar_file_expander(_open_shards(src, health), handler=health.handle), handler=health.handle
+    )
+
+
+def _open_shards(src: Iterable[dict[str, str]], health: StreamHealth) -> Iterator[dict[str, Any]]:
+    for source in src:
+        try:
+            stream = wds.gopen(source["url"], "rb")
+        except Exception as exn:
+            exn.args = (*exn.args, source["url"])
+            health.handle(exn)
+            continue
+        try:
+            yield {**source, "stream": stream}
+        finally:
+            stream.close()
 
 
 def _count_samples(src: Iterable[dict[str, Any]], health: StreamHealth) -> Iterator[dict[str, Any]]:
@@ -278,7 +300,7 @@ class UnlabelledLoader:
             wds.pipelinefilter(_split_by_rank)(self.rank, self.world_size),
             _split_by_worker,
             RepeatShards(self.seed, epoch, self.rank, health),
-            wds.tarfile_to_samples(handler=health.handle),
+            wds.pipelinefilter(_tar_to_samples)(health),
             wds.pipelinefilter(_count_samples)(health),
             SeededShuffle(self.shuffle_buffer, self.seed, epoch, self.rank),
             wds.map(_decode_png, handler=health.handle),
@@ -351,6 +373,42 @@ def unlabelled_loader(
         mean=mean,
         std=std,
     )
+
+
+def finite_unlabelled_batches(
+    urls: list[str],
+    *,
+    batch_size: int,
+    mean: float | tuple[float, ...],
+    std: float | tuple[float, ...],
+) -> wds.DataPipeline:
+    """One pass over all shards in order, in this process, as normalized float batches (B, C, H, W).
+
+    For evaluation (e.g. label-free fidelity): no shuffling, no augmentation, the last batch may be
+    smaller; bad samples are counted and skipped as in unlabelled_loader. Iterating again repeats the
+    same pass.
+
+    Raises:
+        DataError: no shards, or invalid sizes.
+    """
+    _check_counts(batch_size=batch_size)
+    if not urls:
+        raise DataError("no shards given; write them with `hpcq shards`.")
+    health = StreamHealth()
+    return wds.DataPipeline(
+        ShardList(urls),
+        _as_url_dicts,
+        wds.pipelinefilter(_tar_to_samples)(health),
+        wds.map(_decode_png, handler=health.handle),
+        wds.pipelinefilter(_to_tensor)(health),
+        wds.map(Normalize(mean, std)),
+        wds.batched(batch_size, collation_fn=_stack, partial=True),
+    )
+
+
+def _as_url_dicts(src: Iterable[str]) -> Iterator[dict[str, str]]:
+    for url in src:
+        yield {"url": url}
 
 
 def _check_counts(**counts: int) -> None:

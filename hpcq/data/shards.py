@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from hpcq.data.fashion_mnist import FASHION_MNIST_ROOT, load_fashion_mnist
 from hpcq.data.images import BadImageError, list_images, prepare_image
 from hpcq.errors import DataError
+from hpcq.fileio import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def write_shards(
             )
         shards = sorted(p.name for p in tmp_dir.glob("shard-*.tar"))
         report = ShardReport(out_dir, description, written, bad, bad_examples, shards, labelled)
-        write_json_atomic(tmp_dir / MANIFEST_NAME, report.to_json())
+        atomic_write_json(tmp_dir / MANIFEST_NAME, report.to_json())
         return _publish(tmp_dir, out_dir, report)
     finally:
         if tmp_dir.exists():
@@ -228,21 +228,6 @@ def shard_urls(out_dir: Path) -> list[str]:
             f"delete {out_dir} and write them again with `hpcq shards`."
         )
     return [str(p) for p in paths]
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file next to ``path`` and rename it over ``path``."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as stream:
-            json.dump(data, stream, indent=2, sort_keys=True)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _write_all(

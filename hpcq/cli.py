@@ -1,0 +1,211 @@
+"""The ``hpcq`` command: thin subcommands over the pipeline's stages.
+
+Exit status: 0 on success, 2 for usage, config and input errors (the message says what to fix), 1 for
+anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hpcq.errors import HpcqError
+
+log = logging.getLogger("hpcq")
+
+USAGE_ERROR = 2
+
+
+def _add_spec_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("spec", type=Path, nargs=None if required else "?", help="run spec (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a spec value (repeatable), e.g. --set quantize.weights='{fc: 16}'")
+
+
+def _load(args: argparse.Namespace):
+    from hpcq.config import load_config
+
+    return load_config(args.spec, args.overrides)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape {text!r} must look like 3,224,224") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"input shape {text!r} must have positive sizes")
+    return shape
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """Print the layer manifest of a model."""
+    import torch
+
+    from hpcq.manifest import build_manifest, format_manifest, select_layers
+    from hpcq.models import load_model, parse_model_source
+
+    source = parse_model_source(args.model)
+    if args.pretrained is False and source["kind"] == "torchvision":
+        source["weights"] = None
+    model = load_model(source)
+    shape = args.input_shape or ((3, 224, 224) if source["kind"] == "torchvision" else None)
+    manifest = build_manifest(model, torch.zeros(1, *shape) if shape else None)
+    if args.select:
+        manifest = select_layers(manifest, args.select)
+    if args.json:
+        sys.stdout.write(json.dumps([row.to_dict() for row in manifest], indent=2) + "\n")
+    else:
+        sys.stdout.write(format_manifest(manifest) + "\n")
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    """Write WebDataset shards from Fashion-MNIST or an image folder."""
+    from hpcq.data.images import OPENCLIPART_ROOT
+    from hpcq.data.shards import fashion_mnist_samples, image_folder_samples, write_shards
+
+    if args.source in ("fashion-mnist-train", "fashion-mnist-test"):
+        split = args.source.rsplit("-", 1)[1]
+        samples = fashion_mnist_samples(split)
+        description = {"source": args.source, "image_size": 28, "channels": 1, "shard_size": args.shard_size}
+    else:
+        root = OPENCLIPART_ROOT if args.source == "openclipart" else Path(args.source)
+        samples = image_folder_samples(root, args.image_size, args.channels)
+        description = {"source": str(root.resolve()), "image_size": args.image_size, "channels": args.channels,
+                       "shard_size": args.shard_size}
+    report = write_shards(samples, args.out, args.shard_size, description=description)
+    sys.stdout.write(f"{report.written} images in {len(report.shards)} shards at {report.out_dir}; "
+                     f"{report.bad} unreadable images skipped{' (reused)' if report.reused else ''}\n")
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    """Train (once) and cache the quickstart teacher."""
+    from hpcq.teacher import ensure_teacher
+
+    config = _load(args)
+    source = ensure_teacher(config.teacher, config.data, config.seed)
+    sys.stdout.write(f"{source['checkpoint']}\n")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize the spec's model with its plan and write the compressed artifact."""
+    from hpcq.pipeline import model_source, quantize_stage
+    from hpcq.rundir import open_run_dir
+    from hpcq.sizes import model_sizes
+
+    config = _load(args)
+    run = open_run_dir(config)
+    result = quantize_stage(config, run, model_source(config))
+    sizes = model_sizes(result.teacher.state_dict(), result.quantized)
+    sys.stdout.write(json.dumps({"artifact": str(run.quantized), "plan": result.plan.to_dict(),
+                                 "size": sizes.to_dict()}, indent=2) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the run's compressed model to a file of your choice."""
+    from hpcq.artifact import load_artifact, save_artifact
+    from hpcq.pipeline import model_source, quantize_stage
+    from hpcq.rundir import open_run_dir
+
+    config = _load(args)
+    run = open_run_dir(config)
+    quantize_stage(config, run, model_source(config))
+    loaded = load_artifact(run.quantized)
+    sizes = save_artifact(args.out, loaded.model, loaded.quantized, model_source=loaded.header["model_source"],
+                          plan=loaded.header.get("plan"), extra=loaded.header.get("extra"))
+    sys.stdout.write(f"wrote {args.out} ({args.out.stat().st_size:,} bytes; "
+                     f"{sizes.reduction_bitpacked_pct:.2f}% smaller than fp32)\n")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Top-1/top-5 on the Fashion-MNIST test set of a model or artifact."""
+    from hpcq.evaluate import accuracy
+    from hpcq.models import load_model, parse_model_source
+    from hpcq.teacher import fashion_splits
+
+    config = _load(args)
+    model = load_model(parse_model_source(args.model))
+    splits = fashion_splits(config.data, config.teacher, config.seed)
+    sys.stdout.write(json.dumps(accuracy(model, splits.test, progress=True).to_dict(), indent=2) + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole pipeline on a run spec."""
+    from hpcq.pipeline import format_table, run_all
+
+    report = run_all(_load(args))
+    sys.stdout.write(format_table(report) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``hpcq`` command."""
+    parser = argparse.ArgumentParser(prog="hpcq", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("layers", help="list a model's numbered layers (the manifest)")
+    p.add_argument("model", help="torchvision name (vgg16, resnet50@IMAGENET1K_V1), pkg.mod:factory[=ckpt.pt], "
+                                 "or file.hpcq")
+    p.add_argument("--input-shape", type=_parse_shape, help="C,H,W of one input (default 3,224,224 for torchvision)")
+    p.add_argument("--select", action="append", help="only layers matching these selectors (14-15, fc, names, globs)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                   help="load pretrained torchvision weights (not needed to list layers)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("shards", help="write WebDataset shards from Fashion-MNIST or an image folder")
+    p.add_argument("--source", required=True,
+                   help="fashion-mnist-train, fashion-mnist-test, openclipart, or an image folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--shard-size", type=int, default=500, help="images per shard")
+    p.add_argument("--image-size", type=int, default=28, help="square side in pixels (image folders)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 gray, 3 RGB (image folders)")
+    p.set_defaults(func=cmd_shards)
+
+    for name, func, text in (
+        ("teacher", cmd_teacher, "train and cache the quickstart teacher"),
+        ("quantize", cmd_quantize, "quantize with the spec's plan; writes RUN_DIR/quantized.hpcq"),
+        ("run", cmd_run, "the whole pipeline on a run spec"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_spec_args(p, required=name == "run")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="write the compressed model (.hpcq) to a file")
+    _add_spec_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output file (.hpcq)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="accuracy of a model or .hpcq file on the Fashion-MNIST test set")
+    p.add_argument("model", help="as for `hpcq layers`")
+    _add_spec_args(p)
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hpcq`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except HpcqError as exc:
+        log.error("%s", exc)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
