@@ -128,6 +128,82 @@ class QuantizeConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """The per-layer sweep: each selected layer quantized alone at each k, one scheduler task per pair."""
+
+    layers: str = "all"
+    ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    executor: Literal["debug", "local", "slurm"] = "local"
+    max_parallel: int = 2
+    timeout_min: int = 30
+    cpus_per_task: int = 1
+    mem_gb: float = 4.0
+    eval_images: int = 5000
+    fidelity_images: int = 1000
+
+    def __post_init__(self) -> None:
+        _positive(self, "sweep", "max_parallel", "timeout_min", "cpus_per_task", "mem_gb", "eval_images",
+                  "fidelity_images")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"sweep.ks must be numbers of centroids >= 1, got {list(self.ks)}")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """How per-layer k is chosen from the sweep.
+
+    ``plan: auto`` picks the smallest model whose predicted accuracy drop stays within
+    ``max_accuracy_drop`` points (or whose fidelity stays above ``min_agreement_pct`` when there are no
+    labels), then verifies the combined plan and backs off while it breaks the budget. ``plan: spec`` uses
+    the ``quantize`` section as written (e.g. the paper's hand-picked plans).
+    """
+
+    plan: Literal["auto", "spec"] = "auto"
+    metric: Literal["accuracy", "fidelity"] = "accuracy"
+    max_accuracy_drop: float = 0.5
+    min_agreement_pct: float = 99.0
+    max_backoff_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.max_accuracy_drop < 0:
+            raise ConfigError("select.max_accuracy_drop must be >= 0 (points of top-1)")
+        if not 0 < self.min_agreement_pct <= 100:
+            raise ConfigError("select.min_agreement_pct must be in (0, 100]")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """Retraining after quantization: label-free distillation (and the labelled baseline).
+
+    Only non-quantized parameters train (the paper's choice); ``train_codebooks`` also fine-tunes the
+    centroids of quantized layers (their indices stay fixed).
+    """
+
+    loss: Literal["kl", "mse"] = "kl"
+    temperature: float = 2.0
+    epochs: int = 2
+    batches_per_epoch: int = 100
+    batch_size: int = 128
+    lr: float = 0.0005
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "sgd"] = "adam"
+    train_codebooks: bool = False
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    augment: bool = True
+    checkpoint_every_steps: int = 50
+    nproc_per_node: int = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    labelled_baseline: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "retrain", "temperature", "epochs", "batches_per_epoch", "batch_size", "lr",
+                  "checkpoint_every_steps", "nproc_per_node")
+        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.weight_decay < 0:
+            raise ConfigError("retrain.num_workers, shuffle_buffer and weight_decay must be >= 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run: where it writes, its seed, and one section per stage."""
 
@@ -139,6 +215,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
 
 def _positive(obj: Any, section: str, *names: str) -> None:

@@ -43,6 +43,17 @@ class RunDir:
         return self.root / "report.md"
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys of a nested config, for naming differences."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def open_run_dir(config: RunConfig) -> RunDir:
     """Create (or reopen) the run directory of ``config``.
 
@@ -54,14 +65,8 @@ def open_run_dir(config: RunConfig) -> RunDir:
     if run.config.is_file():
         existing = yaml.safe_load(run.config.read_text()) or {}
         if existing != resolved:
-            changed = sorted(
-                f"{section}.{key}" if isinstance(existing.get(section), dict) else section
-                for section in set(existing) | set(resolved)
-                for key in (set(existing.get(section) or {}) | set(resolved.get(section) or {})
-                            if isinstance(existing.get(section), dict) else [""])
-                if (existing.get(section) or {}).get(key) != (resolved.get(section) or {}).get(key)
-                or not isinstance(existing.get(section), dict) and existing.get(section) != resolved.get(section)
-            )
+            old, new = _flatten(existing), _flatten(resolved)
+            changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
             raise ConfigError(
                 f"run directory {run.root} holds a run of a different spec (changed: {', '.join(changed[:8])}); "
                 "set run_dir to a new folder (--set run_dir=...) or delete the old one"

@@ -1,0 +1,44 @@
+"""Shared fixtures: a small trained-looking model checkpoint and a tiny unlabelled image folder."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpcq.zoo import fashion_vgg
+
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+OPENCLIPART_ROOT = Path("/usr/share/openclipart/png")
+
+requires_fashion = pytest.mark.skipif(
+    not (FASHION_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (./install.sh does)",
+)
+
+SMALL_KWARGS = {"width": 4, "hidden": 32}
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path: Path) -> Path:
+    """A small FashionVGG with random (seeded) weights saved as a plain state dict."""
+    torch.manual_seed(0)
+    path = tmp_path / "small.pt"
+    torch.save(fashion_vgg(**SMALL_KWARGS).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """24 small RGBA PNG images (random shapes on transparency) in two subfolders."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for i in range(24):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.zeros((40, 32, 4), dtype=np.uint8)
+        y, x = rng.integers(0, 20, 2)
+        pixels[y:y + 15, x:x + 10] = (*rng.integers(50, 255, 3), 255)
+        Image.fromarray(pixels, "RGBA").save(folder / f"img_{i}.png")
+    return root

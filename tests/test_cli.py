@@ -1,0 +1,88 @@
+"""The hpcq command end to end on a small model, real Fashion-MNIST and a real image folder."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from hpcq.artifact import load_artifact
+from hpcq.cli import main
+
+from .conftest import SMALL_KWARGS, requires_fashion
+
+
+def write_spec(tmp_path, checkpoint, image_folder, **changes):
+    spec = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"kind": "factory", "factory": "hpcq.zoo:fashion_vgg", "kwargs": SMALL_KWARGS,
+                  "checkpoint": str(checkpoint), "input_shape": [1, 28, 28]},
+        "teacher": {"cache_dir": str(tmp_path / "cache")},
+        "data": {"unlabelled": str(image_folder), "shard_dir": str(tmp_path / "shards"), "shard_size": 8,
+                 "eval_batch_size": 2000},
+        "quantize": {"weights": {"5-6": 8, "conv": 16}, "biases": {"all": 1}},
+    }
+    for key, value in changes.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_layers_prints_the_paper_numbering(capsys):
+    assert main(["layers", "vgg16"]) == 0
+    out = capsys.readouterr().out
+    assert " 14  classifier.0" in out and " 15  classifier.3" in out and "16 layers" in out
+
+
+def test_layers_json_and_bad_selector(capsys):
+    assert main(["layers", "hpcq.zoo:fashion_vgg", "--input-shape", "1,28,28", "--json", "--select", "fc"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["number"] for r in rows] == [5, 6, 7]
+    assert main(["layers", "vgg16", "--select", "17"]) == 2
+
+
+def test_bad_spec_exits_2_and_writes_nothing(tmp_path, small_checkpoint, image_folder, caplog):
+    spec = write_spec(tmp_path, small_checkpoint, image_folder, kmeans={"nitre": 3})
+    assert main(["run", str(spec)]) == 2
+    assert "kmeans.nitre" in caplog.text
+    assert not (tmp_path / "run").exists()
+    assert main(["run", str(spec), "--set", "kmeans=3"]) == 2
+
+
+@requires_fashion
+def test_run_end_to_end_then_reuse(tmp_path, small_checkpoint, image_folder, capsys):
+    spec = write_spec(tmp_path, small_checkpoint, image_folder)
+    assert main(["run", str(spec)]) == 0
+    assert "| quantized |" in capsys.readouterr().out
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert report["plan"]["weights"] == {"features.0": 16, "features.3": 16, "features.7": 16, "features.10": 16,
+                                         "classifier.1": 8, "classifier.4": 8}
+    assert report["evaluation"]["quantized"]["count"] == 10000
+    assert report["evaluation"]["fidelity_quantized"]["count"] == 24
+    assert 0 < report["size"]["bitpacked_bytes"] < report["size"]["fp32_bytes"]
+    assert report["size"]["reduction_bitpacked_pct"] > 80
+    assert yaml.safe_load((run / "config.yaml").read_text())["quantize"]["weights"]["5-6"] == 8
+    loaded = load_artifact(run / "quantized.hpcq")
+    assert loaded.header["plan"] == report["plan"]
+
+    stamp = os.stat(run / "quantized.hpcq").st_mtime_ns
+    assert main(["run", str(spec)]) == 0
+    assert os.stat(run / "quantized.hpcq").st_mtime_ns == stamp  # reused, not fitted again
+    assert json.loads((run / "report.json").read_text())["accuracy"] == report["accuracy"]
+
+    # The same run directory with another spec is refused.
+    assert main(["run", str(spec), "--set", "quantize.weights={'5-6': 4}"]) == 2
+
+    out = tmp_path / "exported.hpcq"
+    assert main(["export", str(spec), "--out", str(out)]) == 0
+    assert load_artifact(out).header["plan"] == report["plan"]
+
+
+@pytest.mark.parametrize("source", [pytest.param("fashion-mnist-test", marks=requires_fashion), "folder"])
+def test_shards_command(tmp_path, image_folder, source, capsys):
+    src = str(image_folder) if source == "folder" else source
+    assert main(["shards", "--source", src, "--out", str(tmp_path / "s"), "--shard-size", "5000"]) == 0
+    assert "shards at" in capsys.readouterr().out
+    assert (tmp_path / "s" / "manifest.json").is_file()
