@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hpcq.errors import HpcqError
+from hpcq.errors import ConfigError, HpcqError
 
 log = logging.getLogger("hpcq")
 
@@ -94,34 +94,87 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    """Quantize the spec's model with its plan and write the compressed artifact."""
-    from hpcq.pipeline import model_source, quantize_stage
+def _prepared(args: argparse.Namespace):
+    from hpcq.pipeline import prepare_stage
     from hpcq.rundir import open_run_dir
-    from hpcq.sizes import model_sizes
 
     config = _load(args)
     run = open_run_dir(config)
-    result = quantize_stage(config, run, model_source(config))
+    return config, run, prepare_stage(config, run)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run the per-layer sweep (tasks already done are skipped) and print its table."""
+    from hpcq.pipeline import sweep_stage
+    from hpcq.sweep import format_sweep_table
+
+    config, run, prepared = _prepared(args)
+    results, baseline = sweep_stage(config, run, prepared)
+    sys.stdout.write(format_sweep_table(results, baseline, config.select.metric) + "\n")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    """Choose k per layer from the sweep, verify the combined plan, print it."""
+    from hpcq.pipeline import choose_plan
+
+    config, run, prepared = _prepared(args)
+    plan = choose_plan(config, run, prepared)
+    sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize with the chosen plan and write RUN_DIR/quantized.hpcq."""
+    from hpcq.pipeline import choose_plan, quantize_stage
+    from hpcq.sizes import model_sizes
+
+    config, run, prepared = _prepared(args)
+    result = quantize_stage(config, run, prepared, choose_plan(config, run, prepared))
     sizes = model_sizes(result.teacher.state_dict(), result.quantized)
     sys.stdout.write(json.dumps({"artifact": str(run.quantized), "plan": result.plan.to_dict(),
                                  "size": sizes.to_dict()}, indent=2) + "\n")
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """Write the run's compressed model to a file of your choice."""
-    from hpcq.artifact import load_artifact, save_artifact
-    from hpcq.pipeline import model_source, quantize_stage
-    from hpcq.rundir import open_run_dir
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """Retrain the quantized model: label-free (default) or with labels (--labelled, the baseline)."""
+    from hpcq.retrain_job import run_retrain
+    from hpcq.rundir import RunDir
 
     config = _load(args)
-    run = open_run_dir(config)
-    quantize_stage(config, run, model_source(config))
-    loaded = load_artifact(run.quantized)
+    run = RunDir(Path(config.run_dir))
+    if not run.quantized.is_file():
+        raise ConfigError(f"{run.quantized} does not exist: run `hpcq quantize` with this spec first")
+    summary = run_retrain(config, run.root, labelled=args.labelled)
+    sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Evaluate every model of the run on the test set and write the report."""
+    from hpcq.report import build_report, format_table
+
+    config, run, prepared = _prepared(args)
+    sys.stdout.write(format_table(build_report(config, run, prepared)) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the run's compressed model (the label-free retrained one when it exists) to a file."""
+    from hpcq.artifact import load_artifact, save_artifact
+    from hpcq.rundir import RunDir
+
+    config = _load(args)
+    run = RunDir(Path(config.run_dir))
+    candidates = [run.root / "label_free.hpcq", run.quantized]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise ConfigError(f"{config.run_dir} holds no compressed model yet: run `hpcq quantize` (or `hpcq run`) first")
+    loaded = load_artifact(path)
     sizes = save_artifact(args.out, loaded.model, loaded.quantized, model_source=loaded.header["model_source"],
                           plan=loaded.header.get("plan"), extra=loaded.header.get("extra"))
-    sys.stdout.write(f"wrote {args.out} ({args.out.stat().st_size:,} bytes; "
+    sys.stdout.write(f"wrote {args.out} from {path.name} ({args.out.stat().st_size:,} bytes; "
                      f"{sizes.reduction_bitpacked_pct:.2f}% smaller than fp32)\n")
     return 0
 
@@ -141,7 +194,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline on a run spec."""
-    from hpcq.pipeline import format_table, run_all
+    from hpcq.pipeline import run_all
+    from hpcq.report import format_table
 
     report = run_all(_load(args))
     sys.stdout.write(format_table(report) + "\n")
@@ -174,12 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards)
 
     for name, func, text in (
+        ("run", cmd_run, "the whole pipeline on a run spec (the main job)"),
         ("teacher", cmd_teacher, "train and cache the quickstart teacher"),
-        ("quantize", cmd_quantize, "quantize with the spec's plan; writes RUN_DIR/quantized.hpcq"),
-        ("run", cmd_run, "the whole pipeline on a run spec"),
+        ("sweep", cmd_sweep, "quantize each layer alone at each k, one scheduler task per pair"),
+        ("select", cmd_select, "choose k per layer from the sweep and verify the combined plan"),
+        ("quantize", cmd_quantize, "apply the chosen plan; writes RUN_DIR/quantized.hpcq"),
+        ("retrain", cmd_retrain, "retrain the quantized model without labels (or --labelled)"),
+        ("report", cmd_report, "evaluate all models of the run and write report.json / report.md"),
     ):
         p = sub.add_parser(name, help=text)
         _add_spec_args(p, required=name == "run")
+        if name == "retrain":
+            p.add_argument("--labelled", action="store_true", help="the conventional baseline with labels")
         p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="write the compressed model (.hpcq) to a file")

@@ -24,6 +24,7 @@ import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -234,12 +235,14 @@ def distributed_context(
     env: DistEnv,
     backend: Literal["auto", "gloo", "nccl"] = "auto",
     device: Literal["auto", "cpu", "cuda"] = "auto",
+    timeout_s: float | None = None,
 ) -> Iterator[torch.device]:
     """Join the job's process group (when ``env.world_size > 1``) and yield this process's device.
 
     ``backend="auto"`` means NCCL when the process uses a CUDA device, else gloo. With CUDA the device is
     ``cuda:<local_rank>`` and becomes the current device. The process group is destroyed on exit, also
-    when the body raises.
+    when the body raises. ``timeout_s`` bounds how long a collective (and the rendezvous) waits for the
+    other ranks before failing (torch's default, 10 or 30 minutes, when None).
 
     Raises:
         ConfigError: NCCL or ``device="cuda"`` without CUDA, an unknown backend, or a local rank without
@@ -282,6 +285,7 @@ def distributed_context(
                  env.launcher, chosen_backend, env.master_addr, env.master_port, chosen_device)
         dist.init_process_group(chosen_backend, init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
                                 world_size=env.world_size,
+                                timeout=None if timeout_s is None else timedelta(seconds=timeout_s),
                                 device_id=chosen_device if chosen_backend == "nccl" else None)
         initialized_here = True
     try:

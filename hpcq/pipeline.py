@@ -1,14 +1,15 @@
 """The stages of a run, each reading and writing files in the run directory.
 
 Pure compute lives in the other modules; this module knows the run directory's layout and which stage
-needs what. Every stage reuses what an earlier run of the same spec already wrote.
+needs what. Every stage reuses what an earlier run of the same spec already wrote, so a killed run that is
+started again resumes where it stopped and reaches the same plan.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,16 +17,27 @@ from torch import nn
 
 from hpcq.artifact import load_artifact, save_artifact
 from hpcq.config import RunConfig, config_to_dict
-from hpcq.data.shards import image_folder_samples, read_shard_manifest, shard_urls, write_shards
-from hpcq.errors import ConfigError
-from hpcq.evaluate import accuracy, fidelity
-from hpcq.fileio import atomic_write_json, atomic_write_text
-from hpcq.manifest import build_manifest
+from hpcq.datasets import (  # noqa: F401 - ensure_unlabelled_shards is part of this module's API
+    ensure_unlabelled_shards,
+    unlabelled_shard_dir,
+    validation_batches,
+)
+from hpcq.errors import HpcqError
+from hpcq.evaluate import accuracy
+from hpcq.fileio import atomic_write_json
+from hpcq.manifest import LayerInfo, build_manifest
 from hpcq.models import load_model
 from hpcq.quantize import Plan, quantize_, resolve_plan
 from hpcq.rundir import RunDir, open_run_dir
-from hpcq.sizes import model_sizes
-from hpcq.teacher import ensure_teacher, fashion_splits
+from hpcq.sweep import (
+    TEACHER_SOURCE_FILE,
+    SweepTask,
+    collect_results,
+    format_sweep_table,
+    plan_tasks,
+    record_failure,
+)
+from hpcq.teacher import ensure_teacher
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +59,116 @@ def example_input(config: RunConfig) -> torch.Tensor:
     return torch.zeros(1, *config.model.input_shape)
 
 
-def unlabelled_shard_dir(config: RunConfig) -> Path:
-    """Where the unlabelled shards live: ``data.shard_dir`` or a cache folder named after their settings."""
-    if config.data.shard_dir:
-        return Path(config.data.shard_dir)
-    name = Path(config.data.unlabelled).name or "images"
-    cache = Path(config.teacher.cache_dir).expanduser()
-    return cache / "shards" / f"{name}-{config.data.image_size}px-{config.data.channels}ch-{config.data.shard_size}"
+@dataclass
+class Prepared:
+    """What every later stage needs: the teacher, its source and manifest, and the unlabelled shards."""
+
+    source: dict
+    teacher: nn.Module
+    manifest: list[LayerInfo]
+    unlabelled_urls: list[str]
 
 
-def ensure_unlabelled_shards(config: RunConfig) -> list[str]:
-    """Write the unlabelled image folder as WebDataset shards (once) and return their paths."""
-    out_dir = unlabelled_shard_dir(config)
-    d = config.data
-    description = {"source": str(Path(d.unlabelled).resolve()), "image_size": d.image_size,
-                   "channels": d.channels, "shard_size": d.shard_size}
-    if not (out_dir / "manifest.json").is_file():
-        samples = image_folder_samples(Path(d.unlabelled), d.image_size, d.channels)
-        report = write_shards(samples, out_dir, d.shard_size, description=description)
+def prepare_stage(config: RunConfig, run: RunDir, progress: bool = True) -> Prepared:
+    """Teacher (trained once for the quickstart), unlabelled shards (written once) and the layer manifest."""
+    source = model_source(config, progress)
+    urls = ensure_unlabelled_shards(config)
+    teacher = load_model(source)
+    manifest = build_manifest(teacher, example_input(config))
+    _check_teacher_fits_data(teacher, config)
+    atomic_write_json(run.manifest, [row.to_dict() for row in manifest])
+    atomic_write_json(run.root / TEACHER_SOURCE_FILE,
+                      {"model_source": source, "unlabelled_urls": urls, "has_labels": config.data.labelled != "none"})
+    return Prepared(source, teacher, manifest, urls)
+
+
+def _check_teacher_fits_data(teacher: nn.Module, config: RunConfig) -> None:
+    shape = (1, config.data.channels, config.data.image_size, config.data.image_size)
+    try:
+        with torch.no_grad():
+            teacher.eval()(torch.zeros(shape))
+    except RuntimeError as exc:
+        raise HpcqError(
+            f"the model does not accept the data's images of shape {shape[1:]} (data.channels, data.image_size): "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def sweep_stage(config: RunConfig, run: RunDir, prepared: Prepared, progress: bool = True) -> tuple[list[dict], dict]:
+    """Run every (layer, k) task not done yet through the configured executor; return results and baseline."""
+    from hpcq.launch import make_executor, run_callables
+
+    sweep_dir = run.root / "sweep"
+    baseline_path = sweep_dir / "baseline.json"
+    if baseline_path.is_file():
+        baseline = json.loads(baseline_path.read_text())
     else:
-        report = read_shard_manifest(out_dir)
-    if report.bad:
-        log.warning("%d unreadable images were skipped while writing %s (see its manifest.json)", report.bad, out_dir)
-    return shard_urls(out_dir)
+        baseline = {"val": accuracy(prepared.teacher, validation_batches(config, config.sweep.eval_images)).to_dict()}
+        atomic_write_json(baseline_path, baseline)
+    specs = plan_tasks(run.root, prepared.manifest, config.sweep)
+    todo = [s for s in specs if not _is_ok(s)]
+    log.info("sweep: %d tasks, %d already done, %d to run on the %s executor", len(specs), len(specs) - len(todo),
+             len(todo), config.sweep.executor)
+    if todo:
+        executor = make_executor(config.sweep, sweep_dir / "logs")
+        run_callables(executor, [SweepTask(s) for s in todo], config.sweep.max_parallel,
+                      on_error=lambda i, exc: record_failure(todo[i], f"{type(exc).__name__}: {exc}"),
+                      desc="sweep", progress=progress)
+    results = collect_results(specs)
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        log.warning("%d sweep tasks failed (they are retried by the next run): %s", len(failed),
+                    ", ".join(f"{r['layer']} k={r['k']}" for r in failed[:5]))
+    (sweep_dir / "table.md").write_text(format_sweep_table(results, baseline, config.select.metric) + "\n")
+    return results, baseline
+
+
+def _is_ok(spec) -> bool:
+    from hpcq.sweep import is_done
+
+    return is_done(spec)
+
+
+def quantized_copy(source: dict, plan: Plan, config: RunConfig) -> tuple[nn.Module, dict]:
+    """A fresh copy of the teacher quantized with ``plan``, and its quantized tensors."""
+    student = load_model(source)
+    return student, quantize_(student, plan, config.kmeans, progress=False)
+
+
+def select_stage(config: RunConfig, run: RunDir, prepared: Prepared, results: list[dict], baseline: dict) -> Plan:
+    """Choose k per layer from the sweep (auto) and verify the combined plan; biases follow the spec."""
+    from hpcq.evaluate import fidelity
+    from hpcq.select import select_plan
+    from hpcq.sizes import model_sizes
+
+    biases = resolve_plan(prepared.manifest, config.quantize).biases
+    path = run.root / "selection.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return Plan(weights=saved["choice"]["weights"], biases=biases)
+    sel = config.select
+    budget = sel.max_accuracy_drop if sel.metric == "accuracy" else 100.0 - sel.min_agreement_pct
+    val = validation_batches(config, config.sweep.eval_images)
+
+    def measure_loss(weights: dict[str, int]) -> float:
+        student, _ = quantized_copy(prepared.source, Plan(weights=weights, biases=biases), config)
+        if sel.metric == "accuracy":
+            return baseline["val"]["top1_pct"] - accuracy(student, val).top1_pct
+        from hpcq.datasets import unlabelled_eval_batches
+
+        batches = unlabelled_eval_batches(config, prepared.unlabelled_urls, config.sweep.fidelity_images)
+        return 100.0 - fidelity(student, prepared.teacher, batches).agreement_pct
+
+    fp32_bytes = model_sizes(prepared.teacher.state_dict(), {}).fp32_bytes
+    selection = select_plan(results, baseline, metric=sel.metric, budget=budget, fp32_bytes=fp32_bytes,
+                            measure_loss=measure_loss, max_backoff_steps=sel.max_backoff_steps)
+    atomic_write_json(path, selection.to_dict())
+    return Plan(weights=selection.choice.weights, biases=biases)
 
 
 @dataclass
 class QuantizedRun:
-    """The models of a run after quantization, and what was written."""
+    """The models of a run after quantization."""
 
     teacher: nn.Module
     student: nn.Module
@@ -82,80 +176,40 @@ class QuantizedRun:
     quantized: dict
 
 
-def quantize_stage(config: RunConfig, run: RunDir, source: dict, progress: bool = True) -> QuantizedRun:
-    """Load the teacher, write its manifest, apply the spec's plan and write ``quantized.hpcq``.
-
-    A ``quantized.hpcq`` already written for the same plan is loaded instead of fitted again.
-    """
-    teacher = load_model(source)
-    manifest = build_manifest(teacher, example_input(config))
-    atomic_write_json(run.manifest, [row.to_dict() for row in manifest])
-    plan = resolve_plan(manifest, config.quantize)
+def quantize_stage(config: RunConfig, run: RunDir, prepared: Prepared, plan: Plan,
+                   progress: bool = True) -> QuantizedRun:
+    """Apply ``plan`` and write ``quantized.hpcq``; one already written for the same plan is reused."""
     if run.quantized.is_file():
         loaded = load_artifact(run.quantized)
         if loaded.header.get("plan") == plan.to_dict():
             log.info("reusing %s", run.quantized)
-            return QuantizedRun(teacher, loaded.model, plan, loaded.quantized)
+            return QuantizedRun(prepared.teacher, loaded.model, plan, loaded.quantized)
         log.info("%s was written for another plan; quantizing again", run.quantized)
-    student = load_model(source)
+    student = load_model(prepared.source)
     quantized = quantize_(student, plan, config.kmeans, progress=progress)
-    save_artifact(run.quantized, student, quantized, model_source=source, plan=plan.to_dict(),
+    save_artifact(run.quantized, student, quantized, model_source=prepared.source, plan=plan.to_dict(),
                   extra={"config": config_to_dict(config)})
-    return QuantizedRun(teacher, student, plan, quantized)
+    return QuantizedRun(prepared.teacher, student, plan, quantized)
 
 
-def evaluate_stage(config: RunConfig, result: QuantizedRun, urls: list[str], progress: bool = True) -> dict:
-    """Test accuracy of teacher and quantized student, and their label-free fidelity on unlabelled images."""
-    from hpcq.data.loaders import finite_unlabelled_batches
-
-    if config.data.labelled != "fashion-mnist":
-        raise ConfigError(f"data.labelled {config.data.labelled!r} is not supported yet; use fashion-mnist")
-    splits = fashion_splits(config.data, config.teacher, config.seed)
-    unlabelled = finite_unlabelled_batches(urls, batch_size=config.data.eval_batch_size, mean=config.data.mean,
-                                           std=config.data.std)
-    return {
-        "teacher": accuracy(result.teacher, splits.test, progress=progress, desc="teacher test").to_dict(),
-        "quantized": accuracy(result.student, splits.test, progress=progress, desc="quantized test").to_dict(),
-        "fidelity_quantized": fidelity(result.student, result.teacher, unlabelled, progress=progress).to_dict(),
-    }
-
-
-def format_table(report: dict) -> str:
-    """The run's result table (Markdown)."""
-    acc = report["accuracy"]
-    size = report["size"]
-    rows = [
-        "| model | top-1 % | top-5 % | size (bit-packed) | reduction % (bit-packed / entropy-coded) |",
-        "|---|---|---|---|---|",
-        f"| teacher (fp32) | {acc['teacher']:.2f} | {report['evaluation']['teacher']['top5_pct']:.2f} | "
-        f"{size['fp32_bytes']:,} B | 0 / 0 |",
-        f"| quantized | {acc['quantized']:.2f} | {report['evaluation']['quantized']['top5_pct']:.2f} | "
-        f"{size['bitpacked_bytes']:,} B | {size['reduction_bitpacked_pct']:.2f} / {size['reduction_entropy_pct']:.2f} |",
-    ]
-    fid = report["evaluation"]["fidelity_quantized"]
-    rows.append("")
-    rows.append(f"Label-free fidelity of the quantized model to the teacher on {fid['count']:,} unlabelled images: "
-                f"top-1 agreement {fid['agreement_pct']:.2f}%, KL {fid['kl']:.4f} nats.")
-    return "\n".join(rows)
+def choose_plan(config: RunConfig, run: RunDir, prepared: Prepared, progress: bool = True) -> Plan:
+    """The plan of this run: swept and selected (``select.plan: auto``) or as written in the spec."""
+    if config.select.plan == "spec":
+        return resolve_plan(prepared.manifest, config.quantize)
+    results, baseline = sweep_stage(config, run, prepared, progress)
+    return select_stage(config, run, prepared, results, baseline)
 
 
 def run_all(config: RunConfig, progress: bool = True) -> dict:
-    """The main job: teacher, unlabelled shards, quantization, evaluation, artifact, report."""
+    """The main job: prepare, sweep, select, quantize, retrain (label-free and labelled), evaluate, report."""
+    from hpcq.report import build_report
+    from hpcq.retrain_job import run_retrain
+
     run = open_run_dir(config)
-    source = model_source(config, progress)
-    urls = ensure_unlabelled_shards(config)
-    result = quantize_stage(config, run, source, progress)
-    evaluation = evaluate_stage(config, result, urls, progress)
-    sizes = model_sizes(result.teacher.state_dict(), result.quantized)
-    report = {
-        "seed": config.seed,
-        "note": "single seed; accuracies are top-1 % on the Fashion-MNIST test set",
-        "plan": result.plan.to_dict(),
-        "accuracy": {"teacher": evaluation["teacher"]["top1_pct"], "quantized": evaluation["quantized"]["top1_pct"]},
-        "size": sizes.to_dict(),
-        "evaluation": evaluation,
-        "artifact": str(run.quantized),
-    }
-    atomic_write_json(run.report_json, report)
-    atomic_write_text(run.report_md, "# hpcq run report\n\n" + format_table(report) + "\n")
-    return report
+    prepared = prepare_stage(config, run, progress)
+    plan = choose_plan(config, run, prepared, progress)
+    quantize_stage(config, run, prepared, plan, progress)
+    run_retrain(config, run.root, labelled=False, progress=progress)
+    if config.retrain.labelled_baseline:
+        run_retrain(config, run.root, labelled=True, progress=progress)
+    return build_report(config, run, prepared, progress)

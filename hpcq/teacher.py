@@ -31,7 +31,8 @@ class FashionSplits:
     test: TensorBatches
 
 
-def fashion_splits(data: DataConfig, teacher: TeacherConfig, seed: int, batch_size: int | None = None) -> FashionSplits:
+def fashion_splits(data: DataConfig, teacher: TeacherConfig, seed: int, batch_size: int | None = None,
+                   train_batch_size: int | None = None) -> FashionSplits:
     """Load Fashion-MNIST and split off ``teacher.validation_size`` training images for the sweep."""
     root = Path(data.fashion_mnist_root)
     train_images, train_labels = load_fashion_mnist("train", root)
@@ -42,7 +43,8 @@ def fashion_splits(data: DataConfig, teacher: TeacherConfig, seed: int, batch_si
     eval_batch = batch_size or data.eval_batch_size
     train_idx_t, val_idx_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return FashionSplits(
-        train=TensorBatches(x_train[train_idx_t], train_labels[train_idx_t], teacher.batch_size, shuffle=True,
+        train=TensorBatches(x_train[train_idx_t], train_labels[train_idx_t], train_batch_size or teacher.batch_size,
+                            shuffle=True,
                             augment=True, seed=seed),
         validation=TensorBatches(x_train[val_idx_t], train_labels[val_idx_t], eval_batch),
         test=TensorBatches(x_test, test_labels, eval_batch),
