@@ -43,16 +43,21 @@ class BinStats:
 
 @dataclass(frozen=True)
 class Binned:
-    """Values reduced to bins: the statistics and, for every value, the index of its (non-empty) bin."""
+    """Values reduced to bins: non-empty bin statistics, every value's bin, and which bins are non-empty.
+
+    ``stats`` row r describes bin ``occupied[r]``; ``bin_of_value`` holds raw bin numbers (0..bins-1).
+    """
 
     stats: BinStats
-    bin_of_value: np.ndarray
+    bin_of_value: torch.Tensor
+    occupied: np.ndarray
+    bins: int
 
 
 def default_bins(k: int) -> int:
     """Histogram resolution: 64 bins per centroid (at least 4,096, at most 65,536).
 
-    Measured on normal weights: SSE within 0.01% of the true optimum at n = 100k and k = 256.
+    Measured on 1M normal weights at k=256: SSE 0.02% above the true optimum (32 per centroid: 0.09%).
     """
     return int(min(1 << 16, max(4096, 64 * k)))
 
@@ -62,22 +67,18 @@ def _chunks(n: int):
         yield slice(start, min(n, start + CHUNK))
 
 
-def _bincount(index: torch.Tensor, weights: torch.Tensor | None, size: int) -> np.ndarray:
-    # torch's bincount is several times faster than numpy's on large inputs.
-    return torch.bincount(index, weights=weights, minlength=size).to(torch.float64).numpy()
-
-
-def _stats_from_index(index: np.ndarray, values: np.ndarray, sample_weight: np.ndarray | None, size: int) -> Binned:
-    idx = torch.from_numpy(index)
+def _binned(index: torch.Tensor, values: np.ndarray, sample_weight: np.ndarray | None, bins: int) -> Binned:
+    # torch's bincount is several times faster than numpy's on large inputs; float64 sums keep the small
+    # within-group differences the DP needs.
     x = torch.from_numpy(values).to(torch.float64)
     w = None if sample_weight is None else torch.from_numpy(sample_weight).to(torch.float64)
-    weight = _bincount(idx, w, size)
-    total = _bincount(idx, x if w is None else w * x, size)
-    total_sq = _bincount(idx, x * x if w is None else w * x * x, size)
-    keep = weight > 0
-    # Renumber so that only non-empty bins remain and bin_of_value indexes them.
-    renumber = np.cumsum(keep) - 1
-    return Binned(BinStats(weight[keep], total[keep], total_sq[keep]), renumber[index].astype(np.int32))
+    weight = torch.bincount(index, weights=w, minlength=bins).numpy()
+    total = torch.bincount(index, weights=x if w is None else w * x, minlength=bins).numpy()
+    x.mul_(x)
+    total_sq = torch.bincount(index, weights=x if w is None else w * x, minlength=bins).numpy()
+    occupied = np.flatnonzero(weight > 0)
+    stats = BinStats(weight[occupied], total[occupied], total_sq[occupied])
+    return Binned(stats, index, occupied, bins)
 
 
 def histogram(values: np.ndarray, sample_weight: np.ndarray | None, bins: int) -> Binned:
@@ -85,16 +86,16 @@ def histogram(values: np.ndarray, sample_weight: np.ndarray | None, bins: int) -
     lo = float(values.min())
     hi = float(values.max())
     scale = (bins - 1e-3) / (hi - lo) if hi > lo else 0.0
-    index = np.empty(values.size, dtype=np.int32)
-    for part in _chunks(values.size):
-        np.clip(((values[part].astype(np.float64) - lo) * scale).astype(np.int32), 0, bins - 1, out=index[part])
-    return _stats_from_index(index, values, sample_weight, bins)
+    # The bin number only has to be consistent between the statistics and the assignment, so float32 is
+    # enough to compute it.
+    index = ((torch.from_numpy(values) - lo) * scale).to(torch.int64).clamp_(0, bins - 1)
+    return _binned(index, values, sample_weight, bins)
 
 
 def distinct_values(values: np.ndarray, sample_weight: np.ndarray | None) -> Binned:
     """One bin per distinct value: the DP on these gives the true optimum."""
     uniq, inverse = np.unique(values, return_inverse=True)
-    return _stats_from_index(inverse.astype(np.int64).reshape(-1), values, sample_weight, uniq.size)
+    return _binned(torch.from_numpy(inverse.astype(np.int64).reshape(-1)), values, sample_weight, uniq.size)
 
 
 class _Prefix:
@@ -202,8 +203,10 @@ def fit_binned(binned: Binned, k: int) -> tuple[np.ndarray, np.ndarray, float]:
     prefix = _Prefix(stats)
     centroids = prefix.means(bounds)
     sse = float(prefix.cost(bounds[:-1], bounds[1:]).sum())
-    group_of_bin = np.repeat(np.arange(k), np.diff(bounds)).astype(np.uint8 if k <= 256 else np.int32)
-    return centroids, group_of_bin[binned.bin_of_value], sse
+    dtype = np.uint8 if k <= 256 else np.int32
+    group_of_bin = np.zeros(binned.bins, dtype=dtype)
+    group_of_bin[binned.occupied] = np.repeat(np.arange(k), np.diff(bounds)).astype(dtype)
+    return centroids, torch.from_numpy(group_of_bin)[binned.bin_of_value].numpy(), sse
 
 
 def assign_nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
