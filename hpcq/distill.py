@@ -26,6 +26,7 @@ Choices (documented here because they change results):
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
@@ -290,8 +291,11 @@ def retrain(
         from torch.nn.parallel import DistributedDataParallel
 
         # BatchNorm statistics never change (eval mode), so there is nothing to broadcast each step.
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+                                        **no_buffer_sync)
 
     bpe = config.batches_per_epoch
     total_steps = config.epochs * bpe

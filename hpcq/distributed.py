@@ -131,6 +131,8 @@ def _port_from_job_id(job_id: str) -> int:
 
 def _torchrun(environ: Mapping[str, str]) -> DistEnv:
     missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
+    if missing == ["RANK"] and _int(environ, "WORLD_SIZE") == 1:  # some tools export WORLD_SIZE=1 alone
+        return DistEnv(launcher="single")
     if missing:
         present = "RANK" if "RANK" in environ else "WORLD_SIZE"
         raise ConfigError(f"{present} is set but {missing[0]} is not: set both (torchrun sets both) or neither")

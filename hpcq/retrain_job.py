@@ -150,7 +150,10 @@ def run_retrain(config: RunConfig, run_dir: Path, *, labelled: bool, env: DistEn
         result = retrain(student, teacher, batches, config=rc, env=env, device=device,
                          checkpoint_dir=checkpoint_dir, labelled=labelled, quantized=loaded.quantized,
                          progress=progress, seed=config.seed)
-        summary = {**result.to_dict(), "mode": mode_name(labelled), "world_size": env.world_size,
+        summary = {**result.to_dict(), "mode": mode_name(labelled),
+                   # The label-free path never opens a labelled data set: only the unlabelled shards.
+                   "labelled_images_used": result.images_seen if labelled else 0,
+                   "world_size": env.world_size,
                    "launcher": env.launcher, "device": str(device), "data": data_info,
                    "artifact": str(artifact_path), "quantized_from": str(quantized_path),
                    "retrain": config_to_dict(rc), "seed": config.seed}

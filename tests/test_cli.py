@@ -21,6 +21,9 @@ def write_spec(tmp_path, checkpoint, image_folder, **changes):
         "data": {"unlabelled": str(image_folder), "shard_dir": str(tmp_path / "shards"), "shard_size": 8,
                  "eval_batch_size": 2000},
         "quantize": {"weights": {"5-6": 8, "conv": 16}, "biases": {"all": 1}},
+        "select": {"plan": "spec"},
+        "retrain": {"epochs": 1, "batches_per_epoch": 3, "batch_size": 8, "num_workers": 0,
+                    "shuffle_buffer": 8, "checkpoint_every_steps": 2},
     }
     for key, value in changes.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
@@ -54,15 +57,22 @@ def test_bad_spec_exits_2_and_writes_nothing(tmp_path, small_checkpoint, image_f
 def test_run_end_to_end_then_reuse(tmp_path, small_checkpoint, image_folder, capsys):
     spec = write_spec(tmp_path, small_checkpoint, image_folder)
     assert main(["run", str(spec)]) == 0
-    assert "| quantized |" in capsys.readouterr().out
+    assert "| quantized + label-free retraining |" in capsys.readouterr().out
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
     assert report["plan"]["weights"] == {"features.0": 16, "features.3": 16, "features.7": 16, "features.10": 16,
                                          "classifier.1": 8, "classifier.4": 8}
-    assert report["evaluation"]["quantized"]["count"] == 10000
-    assert report["evaluation"]["fidelity_quantized"]["count"] == 24
+    assert set(report["accuracy"]) == {"teacher", "quantized", "label_free", "labelled"}
+    assert report["evaluation"]["quantized"]["test"]["count"] == 10000
+    assert report["evaluation"]["label_free"]["fidelity"]["count"] == 8  # the held-out third shard
     assert 0 < report["size"]["bitpacked_bytes"] < report["size"]["fp32_bytes"]
     assert report["size"]["reduction_bitpacked_pct"] > 80
+    for key in ("fp32_bytes", "bitpacked_bytes", "entropy_coded_bytes", "reduction_bitpacked_pct",
+                "reduction_entropy_pct"):
+        assert key in report["size"]
+    assert report["seed"] == 0
+    assert {t["name"] for t in report["targets"]} >= {"label-free retraining used no labelled image"}
+    assert (run / "report.md").is_file() and (run / "label_free.hpcq").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["quantize"]["weights"]["5-6"] == 8
     loaded = load_artifact(run / "quantized.hpcq")
     assert loaded.header["plan"] == report["plan"]

@@ -26,8 +26,8 @@ from hpcq.distill import (
 )
 from hpcq.distributed import DistEnv, detect_env, distributed_context
 from hpcq.errors import ConfigError
-from hpcq.quantize import Plan, quantize_
 from hpcq.qtensor import QuantizedTensor
+from hpcq.quantize import Plan, quantize_
 from hpcq.retrain_job import LabelledBatches, LoaderEpochs, output_paths, run_retrain
 from hpcq.zoo import fashion_vgg
 
@@ -430,7 +430,7 @@ def test_run_retrain_label_free_writes_the_artifact_and_summary_once(tmp_path):
     artifact, summary_path, checkpoints = output_paths(run_dir, labelled=False)
     assert artifact == run_dir / "label_free.hpcq" and summary_path == run_dir / "retrain-label_free.json"
     assert json.loads(summary_path.read_text()) == json.loads(json.dumps(summary))
-    assert summary["steps"] == 3 and summary["mode"] == "label_free"
+    assert summary["steps"] == 3 and summary["mode"] == "label_free" and summary["labelled_images_used"] == 0
     assert summary["data"]["train_shards"] == 7  # of 8: the last is held out
     assert [p.name for p in checkpoint_paths(checkpoints)] == ["step-00000002.pt", "step-00000003.pt"]
     loaded = load_artifact(artifact)
@@ -471,7 +471,7 @@ def test_run_retrain_labelled_on_fashion_mnist(tmp_path):
     config, run_dir = make_run_dir(tmp_path)
     summary = run_retrain(config, run_dir, labelled=True, env=DistEnv(), progress=False)
     assert summary["mode"] == "labelled" and summary["labelled"] is True and summary["steps"] == 3
-    assert summary["data"]["images"] == 55000
+    assert summary["data"]["images"] == 55000 and summary["labelled_images_used"] == 24
     loaded = load_artifact(run_dir / "labelled.hpcq")
     assert loaded.header["extra"]["labelled"] is True
     assert (run_dir / "retrain-labelled.json").is_file()
@@ -483,6 +483,7 @@ def test_run_retrain_labelled_on_fashion_mnist(tmp_path):
 
 def test_detect_single_process():
     assert detect_env({}) == DistEnv(0, 1, 0, "127.0.0.1", 29500, "single")
+    assert detect_env({"WORLD_SIZE": "1"}) == DistEnv()
 
 
 def test_detect_torchrun():
@@ -530,6 +531,7 @@ def test_detect_pbs_with_pmi_derives_the_local_rank(tmp_path):
 @pytest.mark.parametrize("environ, message", [
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "outside 0..1"),
     ({"RANK": "0"}, "WORLD_SIZE is not"),
+    ({"WORLD_SIZE": "2"}, "RANK is not"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set"),
     ({"RANK": "x", "WORLD_SIZE": "2"}, "must be an integer"),
     ({"SLURM_PROCID": "4", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "1"}, "outside"),
