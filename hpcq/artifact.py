@@ -44,7 +44,7 @@ from hpcq import __version__
 from hpcq.bitpack import pack_indices, packed_nbytes, unpack_indices
 from hpcq.errors import ArtifactError, ModelError
 from hpcq.qtensor import QuantizedTensor, bits_for
-from hpcq.sizes import SizeReport, model_sizes
+from hpcq.sizes import SizeReport, check_quantized_names, model_sizes
 
 FORMAT = "hpcq"
 FORMAT_VERSION = 1
@@ -414,18 +414,11 @@ def _check_architecture(
 def _check_quantized_fit(
     state_dict: Mapping[str, torch.Tensor], quantized: Mapping[str, QuantizedTensor]
 ) -> None:
-    missing = [name for name in quantized if name not in state_dict]
-    if missing:
-        raise ArtifactError(
-            f"quantized tensors that are not state-dict entries of the model: {_first(missing)}; "
-            "quantized names must be the model's parameter names"
-        )
+    try:
+        check_quantized_names(state_dict, quantized)
+    except ValueError as exc:
+        raise ArtifactError(f"{exc}; quantized names must be the model's parameter names") from None
     for name, qt in quantized.items():
-        if tuple(qt.shape) != tuple(state_dict[name].shape):
-            raise ArtifactError(
-                f"quantized tensor {name!r} has shape {tuple(qt.shape)}, the model's has "
-                f"{tuple(state_dict[name].shape)}"
-            )
         if qt.codebook.dtype != torch.float32 or qt.codebook.dim() != 1:
             raise ArtifactError(
                 f"quantized tensor {name!r}: the codebook must be a 1-D float32 tensor, got "

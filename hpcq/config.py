@@ -21,6 +21,7 @@ from hpcq.errors import ConfigError
 from hpcq.fileio import atomic_write_text
 
 QUICKSTART_FACTORY = "hpcq.zoo:fashion_vgg"
+NO_LABELS = "none"
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,13 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Datasets: the labelled one the model was trained for, and the different, unlabelled one."""
+    """Datasets: the labelled one the model was trained for, and the different, unlabelled one.
 
-    labelled: str = "fashion-mnist"
+    ``labelled: none`` runs without any label: the sweep and the selection use fidelity to the teacher,
+    and the report has no accuracy.
+    """
+
+    labelled: Literal["fashion-mnist", "none"] = "fashion-mnist"
     fashion_mnist_root: str = "/usr/share/datasets/fashion-mnist"
     unlabelled: str = "/usr/share/openclipart/png"
     shard_dir: str | None = None
@@ -218,6 +223,23 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.labelled == NO_LABELS:
+            if self.select.metric == "accuracy":
+                raise ConfigError("data.labelled is none, so select.metric must be fidelity (no labels to measure "
+                                  "accuracy with): --set select.metric=fidelity")
+            if self.retrain.labelled_baseline:
+                raise ConfigError("data.labelled is none: the labelled baseline cannot run; set "
+                                  "retrain.labelled_baseline: false")
+            if self.model.kind == "quickstart":
+                raise ConfigError("the quickstart model is trained on Fashion-MNIST: keep data.labelled: fashion-mnist")
+        elif self.data.labelled == "fashion-mnist" and (self.data.image_size, self.data.channels) != (28, 1):
+            raise ConfigError(
+                f"data.labelled fashion-mnist has 28x28 gray images, but data.image_size is {self.data.image_size} "
+                f"and data.channels {self.data.channels}; for a model of other inputs (e.g. ImageNet) without a "
+                "labelled set here, set data.labelled: none and select.metric: fidelity"
+            )
 
 
 def _positive(obj: Any, section: str, *names: str) -> None:

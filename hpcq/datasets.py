@@ -13,20 +13,20 @@ from pathlib import Path
 
 import torch
 
-from hpcq.config import RunConfig
+from hpcq.config import NO_LABELS, RunConfig
 from hpcq.data.shards import image_folder_samples, read_shard_manifest, shard_urls, write_shards
 from hpcq.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_LABELLED = ("fashion-mnist",)
+def has_labels(config: RunConfig) -> bool:
+    """Whether the run has a labelled dataset (``data.labelled`` is not ``none``)."""
+    return config.data.labelled != NO_LABELS
 
 
 def _check_labelled(config: RunConfig) -> None:
-    if config.data.labelled not in SUPPORTED_LABELLED:
-        raise ConfigError(
-            f"data.labelled {config.data.labelled!r} is not supported; choose one of {SUPPORTED_LABELLED}"
-        )
+    if not has_labels(config):
+        raise ConfigError("this step needs labelled data, but data.labelled is none")
 
 
 def validation_batches(config: RunConfig, limit_images: int | None = None) -> Iterable:

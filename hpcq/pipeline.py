@@ -19,6 +19,7 @@ from hpcq.artifact import load_artifact, save_artifact
 from hpcq.config import RunConfig, config_to_dict
 from hpcq.datasets import (  # noqa: F401 - ensure_unlabelled_shards is part of this module's API
     ensure_unlabelled_shards,
+    has_labels,
     unlabelled_shard_dir,
     validation_batches,
 )
@@ -78,7 +79,7 @@ def prepare_stage(config: RunConfig, run: RunDir, progress: bool = True) -> Prep
     _check_teacher_fits_data(teacher, config)
     atomic_write_json(run.manifest, [row.to_dict() for row in manifest])
     atomic_write_json(run.root / TEACHER_SOURCE_FILE,
-                      {"model_source": source, "unlabelled_urls": urls, "has_labels": config.data.labelled != "none"})
+                      {"model_source": source, "unlabelled_urls": urls, "has_labels": has_labels(config)})
     return Prepared(source, teacher, manifest, urls)
 
 
@@ -103,7 +104,9 @@ def sweep_stage(config: RunConfig, run: RunDir, prepared: Prepared, progress: bo
     if baseline_path.is_file():
         baseline = json.loads(baseline_path.read_text())
     else:
-        baseline = {"val": accuracy(prepared.teacher, validation_batches(config, config.sweep.eval_images)).to_dict()}
+        baseline = {}
+        if has_labels(config):
+            baseline["val"] = accuracy(prepared.teacher, validation_batches(config, config.sweep.eval_images)).to_dict()
         atomic_write_json(baseline_path, baseline)
     specs = plan_tasks(run.root, prepared.manifest, config.sweep)
     todo = [s for s in specs if not _is_ok(s)]
@@ -148,7 +151,7 @@ def select_stage(config: RunConfig, run: RunDir, prepared: Prepared, results: li
         return Plan(weights=saved["choice"]["weights"], biases=biases)
     sel = config.select
     budget = sel.max_accuracy_drop if sel.metric == "accuracy" else 100.0 - sel.min_agreement_pct
-    val = validation_batches(config, config.sweep.eval_images)
+    val = validation_batches(config, config.sweep.eval_images) if sel.metric == "accuracy" else None
 
     def measure_loss(weights: dict[str, int]) -> float:
         student, _ = quantized_copy(prepared.source, Plan(weights=weights, biases=biases), config)
@@ -209,7 +212,23 @@ def run_all(config: RunConfig, progress: bool = True) -> dict:
     prepared = prepare_stage(config, run, progress)
     plan = choose_plan(config, run, prepared, progress)
     quantize_stage(config, run, prepared, plan, progress)
-    run_retrain(config, run.root, labelled=False, progress=progress)
-    if config.retrain.labelled_baseline:
-        run_retrain(config, run.root, labelled=True, progress=progress)
+    for labelled in (False, True) if config.retrain.labelled_baseline else (False,):
+        if config.retrain.nproc_per_node > 1:
+            retrain_with_torchrun(run, labelled, config.retrain.nproc_per_node)
+        else:
+            run_retrain(config, run.root, labelled=labelled, progress=progress)
     return build_report(config, run, prepared, progress)
+
+
+def retrain_with_torchrun(run: RunDir, labelled: bool, nproc_per_node: int) -> None:
+    """Retrain as ``nproc_per_node`` DDP processes on this node (torchrun, standalone rendezvous)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+               "-m", "hpcq.retrain_job", str(run.config), "--no-progress"] + (["--labelled"] if labelled else [])
+    log.info("retraining with %d processes: %s", nproc_per_node, " ".join(command))
+    completed = subprocess.run(command, check=False)
+    if completed.returncode != 0:
+        raise HpcqError(f"distributed retraining failed (exit status {completed.returncode}); its log is above. "
+                        "Run it again to resume from the last checkpoint.")

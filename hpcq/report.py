@@ -9,7 +9,7 @@ from typing import Any
 
 from hpcq.artifact import load_artifact
 from hpcq.config import RunConfig
-from hpcq.datasets import test_batches, unlabelled_eval_batches
+from hpcq.datasets import has_labels, test_batches, unlabelled_eval_batches
 from hpcq.evaluate import accuracy, fidelity
 from hpcq.fileio import atomic_write_json, atomic_write_text
 from hpcq.rundir import RunDir
@@ -46,9 +46,13 @@ def _targets(acc: dict[str, float], size: dict, label_free_labels_used: int | No
 
 def build_report(config: RunConfig, run: RunDir, prepared: Any, progress: bool = True) -> dict:
     """Evaluate every model of the run on the test set and write report.json, report.md and the plots."""
-    test = test_batches(config)
+    test = test_batches(config) if has_labels(config) else None
     unlabelled = unlabelled_eval_batches(config, prepared.unlabelled_urls)
-    evaluation = {"teacher": {"test": accuracy(prepared.teacher, test, progress=progress, desc="teacher").to_dict()}}
+
+    def test_accuracy(model, name: str) -> dict:
+        return {} if test is None else {"test": accuracy(model, test, progress=progress, desc=name).to_dict()}
+
+    evaluation = {"teacher": test_accuracy(prepared.teacher, "teacher")}
     quantized = None
     for name, filename in MODELS:
         path = run.root / filename
@@ -57,12 +61,10 @@ def build_report(config: RunConfig, run: RunDir, prepared: Any, progress: bool =
         loaded = load_artifact(path)
         if name == "quantized":
             quantized = loaded
-        evaluation[name] = {
-            "test": accuracy(loaded.model, test, progress=progress, desc=name).to_dict(),
-            "fidelity": fidelity(loaded.model, prepared.teacher, unlabelled).to_dict(),
-        }
+        evaluation[name] = {**test_accuracy(loaded.model, name),
+                            "fidelity": fidelity(loaded.model, prepared.teacher, unlabelled).to_dict()}
     size = model_sizes(prepared.teacher.state_dict(), quantized.quantized).to_dict()
-    acc = {name: e["test"]["top1_pct"] for name, e in evaluation.items()}
+    acc = {name: e["test"]["top1_pct"] for name, e in evaluation.items() if "test" in e}
     retrain = {}
     for mode in ("label_free", "labelled"):
         path = run.root / f"retrain-{mode}.json"
@@ -72,7 +74,8 @@ def build_report(config: RunConfig, run: RunDir, prepared: Any, progress: bool =
     selection_path = run.root / "selection.json"
     report = {
         "seed": config.seed,
-        "note": "single seed, one run; accuracies are top-1 % on the Fashion-MNIST test set (10,000 images)",
+        "note": "single seed, one run; accuracies are top-1 % on the Fashion-MNIST test set (10,000 images)"
+        if test is not None else "single seed, one run; no labelled data (data.labelled: none): fidelity only",
         "accuracy": acc,
         "size": size,
         "plan": quantized.header["plan"],
@@ -97,8 +100,9 @@ def format_table(report: dict) -> str:
     for name, e in report["evaluation"].items():
         fid = e.get("fidelity", {}).get("agreement_pct")
         compressed = name != "teacher"
+        top1, top5 = (f"{e['test']['top1_pct']:.2f}", f"{e['test']['top5_pct']:.2f}") if "test" in e else ("n/a", "n/a")
         lines.append(
-            f"| {names.get(name, name)} | {e['test']['top1_pct']:.2f} | {e['test']['top5_pct']:.2f} | "
+            f"| {names.get(name, name)} | {top1} | {top5} | "
             f"{'100.00' if fid is None else f'{fid:.2f}'} | "
             f"{size['bitpacked_bytes'] if compressed else size['fp32_bytes']:,} | "
             f"{size['reduction_bitpacked_pct'] if compressed else 0.0:.2f} |"

@@ -144,7 +144,7 @@ def per_tensor_sizes(
     Every name in ``quantized`` must be a state-dict entry of the same shape (ValueError otherwise). With
     ``include_unquantized=False`` only the quantized entries are listed.
     """
-    _check_quantized_names(state_dict, quantized)
+    check_quantized_names(state_dict, quantized)
     rows = []
     for name, tensor in state_dict.items():
         numel = int(tensor.numel())
@@ -178,9 +178,10 @@ def _reduction(size: int, fp32: int) -> float:
     return 0.0 if fp32 == 0 else 100.0 * (1.0 - size / fp32)
 
 
-def _check_quantized_names(
+def check_quantized_names(
     state_dict: Mapping[str, torch.Tensor], quantized: Mapping[str, QuantizedTensor]
 ) -> None:
+    """ValueError unless every quantized tensor names a state-dict entry of the same shape."""
     missing = [name for name in quantized if name not in state_dict]
     if missing:
         raise ValueError(
@@ -198,6 +199,7 @@ def _check_quantized_names(
 __all__ = [
     "SizeReport",
     "TensorSize",
+    "check_quantized_names",
     "huffman_code_lengths",
     "huffman_index_bytes",
     "index_histogram",

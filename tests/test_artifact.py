@@ -230,7 +230,7 @@ def test_tied_weights_save_and_load(tmp_path):
 
 def test_save_rejects_unknown_name_and_bad_indices(tmp_path, quantized_model):
     model, quantized = quantized_model
-    with pytest.raises(ArtifactError, match="not state-dict entries"):
+    with pytest.raises(ArtifactError, match="not in the state dict"):
         save_artifact(tmp_path / "a", model, {"nope.weight": quantized["fc2.weight"]}, model_source=SOURCE)
     bad = QuantizedTensor(codebook=torch.zeros(2), indices=torch.full((10,), 2))
     with pytest.raises(ArtifactError, match="fc2.bias"):

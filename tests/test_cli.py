@@ -96,3 +96,17 @@ def test_shards_command(tmp_path, image_folder, source, capsys):
     assert main(["shards", "--source", src, "--out", str(tmp_path / "s"), "--shard-size", "5000"]) == 0
     assert "shards at" in capsys.readouterr().out
     assert (tmp_path / "s" / "manifest.json").is_file()
+
+
+def test_run_without_any_labels_uses_fidelity(tmp_path, small_checkpoint, image_folder):
+    spec = write_spec(tmp_path, small_checkpoint, image_folder, data={"labelled": "none"},
+                      sweep={"executor": "debug", "ks": [2, 16], "layers": "6", "fidelity_images": 8},
+                      select={"plan": "auto", "metric": "fidelity", "min_agreement_pct": 1.0},
+                      quantize={"biases": {}}, retrain={"labelled_baseline": False})
+    assert main(["run", str(spec)]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["accuracy"] == {}
+    assert set(report["evaluation"]) == {"teacher", "quantized", "label_free"}
+    assert report["evaluation"]["label_free"]["fidelity"]["count"] == 8
+    assert report["selection"]["metric"] == "fidelity"
+    assert "val" not in json.loads(next((tmp_path / "run" / "sweep" / "tasks").glob("*.json")).read_text())

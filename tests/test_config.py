@@ -91,3 +91,27 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_specs_load():
     for spec in sorted(Path(__file__).resolve().parents[1].glob("jobs/*.yaml")):
         load_config(spec)
+
+
+def test_config_reference_lists_every_key():
+    import dataclasses
+
+    from hpcq import config as c
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    for cls in (c.RunConfig, c.ModelConfig, c.TeacherConfig, c.DataConfig, c.KMeansConfig, c.QuantizeConfig,
+                c.SweepConfig, c.SelectConfig, c.RetrainConfig):
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in doc, f"docs/config.md does not document {cls.__name__}.{f.name}"
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["data.labelled=none"], "select.metric must be fidelity"),
+    (["data.labelled=none", "select.metric=fidelity"], "labelled_baseline"),
+    (["data.labelled=none", "select.metric=fidelity", "retrain.labelled_baseline=false"], "quickstart"),
+    (["data.image_size=224"], "28x28 gray"),
+    (["data.labelled=imagenet"], "not one of"),
+])
+def test_cross_section_checks(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, overrides)

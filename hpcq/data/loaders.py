@@ -3,7 +3,14 @@
 The pipeline is an explicit list of module-level (so picklable) WebDataset stages:
 
     shard list -> split by rank -> split by worker -> repeat endlessly -> tar to samples -> count
-    -> shuffle -> decode PNG -> to tensor -> (augment) -> normalize -> batch
+    -> shuffle -> decode PNG -> to uint8 tensor -> batch -> (augment)
+
+run by the DataLoader workers, followed in the training process by one vectorised step per batch:
+
+    -> to float32, / 255, normalize
+
+The images stay uint8 until that last step: the workers do no per-image float work and hand over a
+quarter of the bytes, which matters where they share a few cores with the training threads.
 
 Every rank reads a disjoint subset of the shards (split by the rank and world size passed in, never by
 environment variables), repeats it endlessly, and each epoch is cut at exactly ``batches_per_epoch``
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import count, islice
 from typing import Any
@@ -37,6 +45,8 @@ BAD_WARN_EVERY = 1000
 # A worker that has seen this many bad samples and not one good one is reading garbage; stop it rather
 # than spin forever on an endless stream.
 MAX_BAD_WITHOUT_GOOD = 1000
+# Batches each DataLoader worker keeps ready (torch's default is 2); uint8 batches are small.
+PREFETCH_BATCHES = 4
 
 
 class StreamHealth:
@@ -175,16 +185,18 @@ def _decode_png(sample: dict[str, Any]) -> np.ndarray:
 
 
 def _to_tensor(src: Iterable[np.ndarray], health: StreamHealth) -> Iterator[torch.Tensor]:
+    """(H, W) or (H, W, C) uint8 arrays -> (C, H, W) uint8 tensors (views, no copy)."""
     for array in src:
         tensor = torch.from_numpy(array)
         tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
         health.good += 1
-        yield tensor.float().div_(255.0)
+        yield tensor
 
 
 class RandomFlipShift(wds.PipelineStage):
-    """Light augmentation: horizontal flip with probability 1/2, and a random shift of up to ~10% of the
-    side, padded with black (the background of the prepared images)."""
+    """Light augmentation of (B, C, H, W) batches, each image on its own: horizontal flip with probability
+    1/2, and a random shift of up to ~10% of the side (uniform in -pad..pad on each axis), padded with 0,
+    i.e. black (the background of the prepared images). Works on any dtype; here uint8."""
 
     def __init__(self, seed: int, epoch: int, rank: int) -> None:
         self.seed, self.epoch, self.rank = seed, epoch, rank
@@ -193,17 +205,34 @@ class RandomFlipShift(wds.PipelineStage):
         generator = torch.Generator().manual_seed(
             _stream_seed(self.seed, self.epoch, self.rank, _worker_id(), 3)
         )
-        for image in src:
-            if torch.rand((), generator=generator) < 0.5:
-                image = image.flip(-1)
-            height, width = image.shape[-2:]
-            pad = max(1, round(0.1 * min(height, width)))
-            top, left = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-            yield F.pad(image, (pad, pad, pad, pad))[:, top : top + height, left : left + width]
+        for batch in src:
+            yield flip_shift(batch, generator)
+
+
+def flip_shift(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``batch`` (B, C, H, W) with image b flipped left-right when a coin says so and then shifted: padded
+    by ``pad`` zeros on every side and cropped back to (H, W) at a random offset (0..2 pad per axis).
+
+    One gather for the whole batch instead of a pad and a crop per image."""
+    size, channels, height, width = batch.shape
+    pad = max(1, round(0.1 * min(height, width)))
+    flip = torch.rand(size, generator=generator) < 0.5
+    top, left = torch.randint(0, 2 * pad + 1, (2, size), generator=generator)
+    padded = F.pad(batch, (pad, pad, pad, pad))
+    padded_width = width + 2 * pad
+    rows = top[:, None] + torch.arange(height)  # (B, H): rows of the padded image to read
+    cols = left[:, None] + torch.arange(width)  # (B, W)
+    # Flipping before padding is flipping after it (the padding is symmetric): read column Wp-1-c.
+    cols = torch.where(flip[:, None], padded_width - 1 - cols, cols)
+    index = (rows[:, :, None] * padded_width + cols[:, None, :]).view(size, 1, height * width)
+    out = padded.view(size, channels, -1).gather(2, index.expand(size, channels, height * width))
+    return out.view(size, channels, height, width)
 
 
 class Normalize:
-    """``(x - mean) / std`` per channel; a single value applies to every channel."""
+    """uint8 images (C, H, W) or batches (B, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel; a
+    single value applies to every channel. The same operations, in the same order, as converting each image
+    to float, dividing by 255 and normalizing it, so the result is bit for bit the same."""
 
     def __init__(self, mean: float | Sequence[float], std: float | Sequence[float]) -> None:
         self.mean = _per_channel("mean", mean)
@@ -211,15 +240,18 @@ class Normalize:
         if (self.std <= 0).any():
             raise DataError(f"std must be positive, got {std}")
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        channels = image.shape[0]
+    def __call__(self, images: torch.Tensor, *, pin_memory: bool = False) -> torch.Tensor:
+        """``pin_memory``: put the result in page-locked memory (for fast copies to a CUDA device)."""
+        channels = images.shape[-3]
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) not in (1, channels):
                 raise DataError(
                     f"{name} has {len(values)} values but the images have {channels} channels; give one value "
                     f"or {channels}."
                 )
-        return (image - self.mean.view(-1, 1, 1)) / self.std.view(-1, 1, 1)
+        out = torch.empty(images.shape, dtype=torch.float32, pin_memory=pin_memory)
+        out.copy_(images).div_(255.0)
+        return out.sub_(self.mean.view(-1, 1, 1)).div_(self.std.view(-1, 1, 1))
 
 
 def _per_channel(name: str, value: float | Sequence[float]) -> torch.Tensor:
@@ -240,9 +272,12 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 class UnlabelledLoader:
-    """Iterable over normalized float batches (B, C, H, W); every iteration is one epoch of exactly
+    """Iterable over normalized float32 batches (B, C, H, W); every iteration is one epoch of exactly
     ``batches_per_epoch`` batches. Epochs are numbered from 0 and advance on each iteration; call
-    set_epoch() to choose one (e.g. when resuming), which also fixes its shuffling."""
+    set_epoch() to choose one (e.g. when resuming), which also fixes its shuffling.
+
+    The workers run ``pipeline(epoch)`` (uint8 batches); ``normalize`` turns each batch into floats here,
+    in page-locked memory when CUDA is available."""
 
     def __init__(
         self,
@@ -258,6 +293,7 @@ class UnlabelledLoader:
         augment: bool,
         mean: float | Sequence[float],
         std: float | Sequence[float],
+        multiprocessing_context: str | None = None,
     ) -> None:
         _check_counts(batch_size=batch_size, batches_per_epoch=batches_per_epoch, world_size=world_size)
         if not 0 <= rank < world_size:
@@ -266,6 +302,12 @@ class UnlabelledLoader:
             raise DataError(f"num_workers must be 0 or more, got {num_workers}")
         if shuffle_buffer < 0:
             raise DataError(f"shuffle_buffer must be 0 (no shuffling) or more, got {shuffle_buffer}")
+        methods = multiprocessing.get_all_start_methods()
+        if multiprocessing_context is not None and multiprocessing_context not in methods:
+            raise DataError(
+                f"multiprocessing_context must be one of {', '.join(methods)} (or None: torch's default), got "
+                f"{multiprocessing_context!r}"
+            )
         needed = world_size * max(1, num_workers)
         if len(urls) < needed:
             raise DataError(
@@ -283,6 +325,8 @@ class UnlabelledLoader:
         self.seed = seed
         self.augment = augment
         self.normalize = Normalize(mean, std)
+        self.multiprocessing_context = multiprocessing_context
+        self.pin_memory = torch.cuda.is_available()
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -293,7 +337,7 @@ class UnlabelledLoader:
         self.epoch = epoch
 
     def stages(self, epoch: int) -> list[Any]:
-        """The pipeline stages of one epoch, in order."""
+        """The pipeline stages of one epoch, in order (the workers' part: they yield uint8 batches)."""
         health = StreamHealth()
         return [
             ShardList(self.urls),
@@ -305,24 +349,27 @@ class UnlabelledLoader:
             SeededShuffle(self.shuffle_buffer, self.seed, epoch, self.rank),
             wds.map(_decode_png, handler=health.handle),
             wds.pipelinefilter(_to_tensor)(health),
-            RandomFlipShift(self.seed, epoch, self.rank) if self.augment else None,
-            wds.map(self.normalize),
             wds.batched(self.batch_size, collation_fn=_stack, partial=False),
+            RandomFlipShift(self.seed, epoch, self.rank) if self.augment else None,
         ]
 
     def pipeline(self, epoch: int) -> wds.DataPipeline:
-        """The WebDataset pipeline of one epoch (endless; the loader cuts it)."""
+        """The WebDataset pipeline of one epoch, uint8 batches (endless; the loader cuts it and normalizes)."""
         return wds.DataPipeline(*self.stages(epoch))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         # A new DataLoader per epoch hands the epoch's seeds to fresh workers; the cost (starting workers)
-        # is small next to an epoch of training.
-        loader = DataLoader(self.pipeline(epoch), batch_size=None, num_workers=self.num_workers)
+        # is small next to an epoch of training. Workers set torch's threads to 1 themselves (torch does so
+        # in every DataLoader worker), so they start no thread pools of their own.
+        options: dict[str, Any] = {}
+        if self.num_workers > 0:
+            options = {"prefetch_factor": PREFETCH_BATCHES, "multiprocessing_context": self.multiprocessing_context}
+        loader = DataLoader(self.pipeline(epoch), batch_size=None, num_workers=self.num_workers, **options)
         produced = 0
         for batch in islice(loader, self.batches_per_epoch):
             produced += 1
-            yield batch
+            yield self.normalize(batch, pin_memory=self.pin_memory)
         if produced < self.batches_per_epoch:
             raise DataError(
                 f"the data stream of rank {self.rank} ended after {produced} of {self.batches_per_epoch} "
@@ -343,6 +390,7 @@ def unlabelled_loader(
     augment: bool,
     mean: float | tuple[float, ...],
     std: float | tuple[float, ...],
+    multiprocessing_context: str | None = None,
 ) -> UnlabelledLoader:
     """Stream unlabelled PNG shards as normalized float batches (B, C, H, W) for one DDP rank.
 
@@ -356,9 +404,14 @@ def unlabelled_loader(
         seed: base seed; shard order, shuffling and augmentation depend on (seed, epoch, rank, worker).
         augment: random horizontal flips and small shifts.
         mean, std: normalization, one value or one per channel.
+        multiprocessing_context: how the DataLoader workers start ("fork", "spawn", "forkserver"); None:
+            torch's default, which is the start method of this process, so "spawn" in a process that
+            was itself spawned (as some DDP launchers do), at the cost of re-importing torch in every
+            worker every epoch (about a second on a small CPU); "fork" avoids that on Linux.
 
     Raises:
-        DataError: too few shards for the ranks and workers, or invalid sizes.
+        DataError: too few shards for the ranks and workers, an unknown multiprocessing_context, or
+            invalid sizes.
     """
     return UnlabelledLoader(
         urls,
@@ -372,6 +425,7 @@ def unlabelled_loader(
         augment=augment,
         mean=mean,
         std=std,
+        multiprocessing_context=multiprocessing_context,
     )
 
 
@@ -401,8 +455,8 @@ def finite_unlabelled_batches(
         wds.pipelinefilter(_tar_to_samples)(health),
         wds.map(_decode_png, handler=health.handle),
         wds.pipelinefilter(_to_tensor)(health),
-        wds.map(Normalize(mean, std)),
         wds.batched(batch_size, collation_fn=_stack, partial=True),
+        wds.map(Normalize(mean, std)),
     )
 
 
