@@ -36,6 +36,7 @@ from hpcq.data import (
     write_shards,
 )
 from hpcq.data.fashion_mnist import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
+from hpcq.data.loaders import SeededShuffle, flip_shift
 from hpcq.errors import DataError
 
 needs_fashion_mnist = pytest.mark.skipif(
@@ -459,3 +460,108 @@ def test_loader_refuses_too_few_shards(id_shards: list[str]) -> None:
         loader_for(id_shards, 2)
     with pytest.raises(DataError, match="std must be positive"):
         loader_for(id_shards, 0, std=0.0)
+
+
+@pytest.fixture(scope="module")
+def noise_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """16 random-noise RGB images of 6 x 7 pixels in 4 shards of 4."""
+    base = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(5)
+    urls = []
+    for shard in range(4):
+        url = str(base / f"noise-{shard}.tar")
+        with wds.TarWriter(url, encoder=False) as sink:
+            for i in range(4):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)).save(buffer, format="PNG")
+                sink.write({"__key__": f"img{4 * shard + i:03d}", "png": buffer.getvalue()})
+        urls.append(url)
+    return urls
+
+
+NOISE_MEAN, NOISE_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def float_reference(sample: dict) -> torch.Tensor:
+    """The straightforward float pipeline: decode, to float, / 255, normalize, one image at a time."""
+    array = np.array(Image.open(io.BytesIO(sample["png"])))
+    image = torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
+    return (image - torch.tensor(NOISE_MEAN).view(3, 1, 1)) / torch.tensor(NOISE_STD).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_batches_equal_the_float_pipeline(noise_shards: list[str], num_workers: int) -> None:
+    loader = unlabelled_loader(noise_shards, batch_size=3, rank=0, world_size=1, num_workers=num_workers,
+                               batches_per_epoch=7, shuffle_buffer=5, seed=2, augment=False, mean=NOISE_MEAN,
+                               std=NOISE_STD)
+    for epoch in (0, 3):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        # The same samples in the same order: the epoch's stages up to the shuffle, then the float pipeline.
+        stages = loader.stages(epoch)
+        shuffled = next(i for i, stage in enumerate(stages) if isinstance(stage, SeededShuffle)) + 1
+        samples = itertools.islice(wds.DataPipeline(*stages[:shuffled]), 7 * 3)
+        expected = torch.stack([float_reference(sample) for sample in samples]).split(3)
+        assert len(batches) == 7
+        for batch, want in zip(batches, expected, strict=True):
+            assert batch.dtype == torch.float32 and batch.shape == (3, 3, 6, 7)
+            assert torch.equal(batch, want)
+    assert batch.min() < -1 and batch.max() > 1  # normalized, not in [0, 1]
+
+    finite = list(finite_unlabelled_batches(noise_shards, batch_size=5, mean=NOISE_MEAN, std=NOISE_STD))
+    in_order = [float_reference(row) for url in noise_shards for row in wds.WebDataset(url, shardshuffle=False)]
+    assert [b.shape[0] for b in finite] == [5, 5, 5, 1] and all(b.dtype == torch.float32 for b in finite)
+    assert torch.equal(torch.cat(finite), torch.stack(in_order))
+
+
+def test_loader_pipeline_stays_uint8(noise_shards: list[str]) -> None:
+    loader = unlabelled_loader(noise_shards, batch_size=4, rank=0, world_size=1, num_workers=0,
+                               batches_per_epoch=2, shuffle_buffer=0, seed=0, augment=True, mean=0.5, std=0.5)
+    batch = next(iter(loader.pipeline(0)))  # what the workers hand over
+    assert batch.dtype == torch.uint8 and batch.shape == (4, 3, 6, 7)
+
+
+@pytest.mark.parametrize("shape", [(6, 1, 20, 20), (5, 3, 9, 13)])
+def test_flip_shift_is_a_flip_then_a_padded_shift(shape: tuple[int, ...]) -> None:
+    batch = torch.randint(1, 256, shape, dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(1)
+    state = generator.get_state()
+    out = flip_shift(batch, generator)
+    generator.set_state(state)  # the same draws, applied one image at a time
+    size, _, height, width = shape
+    pad = max(1, round(0.1 * min(height, width)))
+    flips = (torch.rand(size, generator=generator) < 0.5).tolist()
+    tops, lefts = torch.randint(0, 2 * pad + 1, (2, size), generator=generator).tolist()
+    for image, result, flip, top, left in zip(batch, out, flips, tops, lefts, strict=True):
+        image = image.flip(-1) if flip else image
+        padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+        assert torch.equal(result, padded[:, top : top + height, left : left + width])
+    assert out.dtype == torch.uint8
+
+
+def test_loader_augmentation_pads_with_black(id_shards: list[str]) -> None:
+    # each id image is one gray value: after flips and shifts, only that value and black (0) remain
+    batches = list(loader_for(id_shards, 0, augment=True, batches_per_epoch=6))
+    shifted = 0
+    for batch in batches:
+        assert batch.dtype == torch.float32
+        for image in batch:
+            values = set(image.unique().tolist())
+            assert values <= {0.0, float(image.max())} and image.max() > 0
+            shifted += 0.0 in values
+    assert shifted > len(batches) * 4 // 2  # most images are shifted (1 in 25 is not)
+
+
+def test_loader_multiprocessing_context(id_shards: list[str]) -> None:
+    with pytest.raises(DataError, match="multiprocessing_context must be one of .*fork.*got 'thread'"):
+        loader_for(id_shards, 0, multiprocessing_context="thread")
+    spawned = list(loader_for(id_shards, 0, num_workers=1, multiprocessing_context="spawn", batches_per_epoch=2))
+    in_process = list(loader_for(id_shards, 0, num_workers=0, batches_per_epoch=2))
+    assert all(torch.equal(a, b) for a, b in zip(spawned, in_process, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loader_pins_batches_with_cuda(id_shards: list[str]) -> None:
+    batch = next(iter(loader_for(id_shards, 0, num_workers=1)))
+    assert batch.is_pinned() and batch.dtype == torch.float32
