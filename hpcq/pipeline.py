@@ -23,7 +23,7 @@ from hpcq.datasets import (  # noqa: F401 - ensure_unlabelled_shards is part of 
     unlabelled_shard_dir,
     validation_batches,
 )
-from hpcq.errors import HpcqError
+from hpcq.errors import ConfigError, HpcqError
 from hpcq.evaluate import accuracy
 from hpcq.fileio import atomic_write_json
 from hpcq.manifest import LayerInfo, build_manifest
@@ -35,6 +35,7 @@ from hpcq.sweep import (
     SweepTask,
     collect_results,
     format_sweep_table,
+    is_done,
     plan_tasks,
     record_failure,
 )
@@ -89,7 +90,7 @@ def _check_teacher_fits_data(teacher: nn.Module, config: RunConfig) -> None:
         with torch.no_grad():
             teacher.eval()(torch.zeros(shape))
     except RuntimeError as exc:
-        raise HpcqError(
+        raise ConfigError(
             f"the model does not accept the data's images of shape {shape[1:]} (data.channels, data.image_size): "
             f"{str(exc).splitlines()[0]}"
         ) from exc
@@ -109,7 +110,7 @@ def sweep_stage(config: RunConfig, run: RunDir, prepared: Prepared, progress: bo
             baseline["val"] = accuracy(prepared.teacher, validation_batches(config, config.sweep.eval_images)).to_dict()
         atomic_write_json(baseline_path, baseline)
     specs = plan_tasks(run.root, prepared.manifest, config.sweep)
-    todo = [s for s in specs if not _is_ok(s)]
+    todo = [s for s in specs if not is_done(s)]
     log.info("sweep: %d tasks, %d already done, %d to run on the %s executor", len(specs), len(specs) - len(todo),
              len(todo), config.sweep.executor)
     if todo:
@@ -124,12 +125,6 @@ def sweep_stage(config: RunConfig, run: RunDir, prepared: Prepared, progress: bo
                     ", ".join(f"{r['layer']} k={r['k']}" for r in failed[:5]))
     (sweep_dir / "table.md").write_text(format_sweep_table(results, baseline, config.select.metric) + "\n")
     return results, baseline
-
-
-def _is_ok(spec) -> bool:
-    from hpcq.sweep import is_done
-
-    return is_done(spec)
 
 
 def quantized_copy(source: dict, plan: Plan, config: RunConfig) -> tuple[nn.Module, dict]:

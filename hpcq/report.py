@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -11,7 +12,7 @@ from hpcq.artifact import load_artifact
 from hpcq.config import RunConfig
 from hpcq.datasets import has_labels, test_batches, unlabelled_eval_batches
 from hpcq.evaluate import accuracy, fidelity
-from hpcq.fileio import atomic_write_json, atomic_write_text
+from hpcq.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hpcq.rundir import RunDir
 from hpcq.sizes import model_sizes
 
@@ -176,15 +177,11 @@ def write_plots(run: RunDir) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    import io
-
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    from hpcq.fileio import atomic_write_bytes
-
     atomic_write_bytes(path, buffer.getvalue())
     return path

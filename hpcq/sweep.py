@@ -99,6 +99,7 @@ class SweepTask:
         from hpcq.config import load_config
         from hpcq.datasets import unlabelled_eval_batches, validation_batches
         from hpcq.evaluate import accuracy, fidelity
+        from hpcq.kmeans import weighted_sse
         from hpcq.models import load_model
         from hpcq.quantize import Plan, quantize_
         from hpcq.sizes import per_tensor_sizes
@@ -123,8 +124,6 @@ class SweepTask:
         result["layer_fp32_bytes"] = row.fp32_bytes
         result["layer_bitpacked_bytes"] = row.bitpacked_bytes
         result["layer_entropy_coded_bytes"] = row.entropy_coded_bytes
-        from hpcq.kmeans import weighted_sse
-
         qt = quantized[name]
         original = teacher.state_dict()[name].reshape(-1).numpy()
         result["sse"] = weighted_sse(original, None, qt.codebook.numpy(), qt.indices.reshape(-1).numpy())
