@@ -140,10 +140,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Retrain the quantized model: label-free (default) or with labels (--labelled, the baseline)."""
     from hpcq.retrain_job import run_retrain
-    from hpcq.rundir import RunDir
+    from hpcq.rundir import open_run_dir
 
     config = _load(args)
-    run = RunDir(Path(config.run_dir))
+    run = open_run_dir(config)
     if not run.quantized.is_file():
         raise ConfigError(f"{run.quantized} does not exist: run `hpcq quantize` with this spec first")
     summary = run_retrain(config, run.root, labelled=args.labelled)
@@ -163,10 +163,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the run's compressed model (the label-free retrained one when it exists) to a file."""
     from hpcq.artifact import load_artifact, save_artifact
-    from hpcq.rundir import RunDir
+    from hpcq.rundir import open_run_dir
 
     config = _load(args)
-    run = RunDir(Path(config.run_dir))
+    run = open_run_dir(config)
     candidates = [run.root / "label_free.hpcq", run.quantized]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:

@@ -234,6 +234,9 @@ class RunConfig:
                                   "retrain.labelled_baseline: false")
             if self.model.kind == "quickstart":
                 raise ConfigError("the quickstart model is trained on Fashion-MNIST: keep data.labelled: fashion-mnist")
+        elif self.select.metric == "accuracy" and self.teacher.validation_size == 0:
+            raise ConfigError("select.metric accuracy needs a validation split: teacher.validation_size must be > 0 "
+                              "(the test set is never used for choices)")
         elif self.data.labelled == "fashion-mnist" and (self.data.image_size, self.data.channels) != (28, 1):
             raise ConfigError(
                 f"data.labelled fashion-mnist has 28x28 gray images, but data.image_size is {self.data.image_size} "

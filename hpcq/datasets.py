@@ -1,20 +1,23 @@
 """The data a run uses, resolved from its config: labelled validation/test sets and unlabelled shards.
 
-The unlabelled shards are split once: the last shard is held out for label-free evaluation (fidelity),
-the others feed retraining, so fidelity is never measured on images the student trained on.
+The unlabelled shards are split once: the last shard is held out for the report's label-free evaluation
+(fidelity), the second-to-last for label-free choices (sweep, selection), the others feed retraining.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from hpcq.config import NO_LABELS, RunConfig
-from hpcq.data.shards import image_folder_samples, read_shard_manifest, shard_urls, write_shards
+from hpcq.data.shards import image_folder_samples, shard_urls, write_shards
 from hpcq.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -78,9 +81,12 @@ def unlabelled_shard_dir(config: RunConfig) -> Path:
     """Where the unlabelled shards live: ``data.shard_dir`` or a cache folder named after their settings."""
     if config.data.shard_dir:
         return Path(config.data.shard_dir)
-    name = Path(config.data.unlabelled).name or "images"
+    source = Path(config.data.unlabelled).expanduser().resolve()
+    # The folder name carries the settings and a digest of the source path, so two sources never share it.
+    digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+    d = config.data
     cache = Path(config.teacher.cache_dir).expanduser()
-    return cache / "shards" / f"{name}-{config.data.image_size}px-{config.data.channels}ch-{config.data.shard_size}"
+    return cache / "shards" / f"{source.name or 'images'}-{digest}-{d.image_size}px-{d.channels}ch-{d.shard_size}"
 
 
 def ensure_unlabelled_shards(config: RunConfig) -> list[str]:
@@ -89,31 +95,47 @@ def ensure_unlabelled_shards(config: RunConfig) -> list[str]:
     d = config.data
     description = {"source": str(Path(d.unlabelled).resolve()), "image_size": d.image_size,
                    "channels": d.channels, "shard_size": d.shard_size}
-    if (out_dir / "manifest.json").is_file():
-        report = read_shard_manifest(out_dir)
-    else:
-        report = write_shards(image_folder_samples(Path(d.unlabelled), d.image_size, d.channels), out_dir,
-                              d.shard_size, description=description)
+    # write_shards reuses a folder written with the same description and refuses one written from another.
+    report = write_shards(image_folder_samples(Path(d.unlabelled), d.image_size, d.channels), out_dir,
+                          d.shard_size, description=description)
     if report.bad:
         log.warning("%d unreadable images were skipped while writing %s (see its manifest.json)", report.bad, out_dir)
     return shard_urls(out_dir)
 
 
-def split_unlabelled(urls: list[str]) -> tuple[list[str], list[str]]:
-    """(training shards, held-out evaluation shards): the last shard is held out."""
-    if len(urls) < 2:
+@dataclass(frozen=True)
+class UnlabelledSplit:
+    """The unlabelled shards by use: retraining, label-free choices (sweep, selection), the final report.
+
+    Two shards are held out so that the fidelity a run reports is not measured on the images that chose
+    its plan, nor on those it retrained on.
+    """
+
+    train: list[str]
+    select: list[str]
+    report: list[str]
+
+
+def split_unlabelled(urls: list[str]) -> UnlabelledSplit:
+    """Split the shards: the second-to-last for choices, the last for the report, the rest for retraining."""
+    if len(urls) < 3:
         raise DataError(
-            f"the unlabelled data has {len(urls)} shard(s); at least 2 are needed (one is held out for "
+            f"the unlabelled data has {len(urls)} shard(s); at least 3 are needed (two are held out for "
             "label-free evaluation). Write smaller shards: --set data.shard_size=N"
         )
-    return urls[:-1], urls[-1:]
+    return UnlabelledSplit(train=urls[:-2], select=urls[-2:-1], report=urls[-1:])
 
 
-def unlabelled_eval_batches(config: RunConfig, urls: list[str], limit_images: int | None = None) -> Iterable:
-    """Held-out unlabelled batches for label-free fidelity (in order, no augmentation)."""
+def unlabelled_eval_batches(config: RunConfig, urls: list[str], limit_images: int | None = None, *,
+                            purpose: Literal["select", "report"] = "select") -> Iterable:
+    """Held-out unlabelled batches for label-free fidelity (in order, no augmentation).
+
+    ``purpose`` picks the held-out shard: ``select`` for the sweep and the selection, ``report`` for the
+    final report. At most one shard's images are used (``data.shard_size``), even if ``limit_images`` is larger.
+    """
     from hpcq.data.loaders import finite_unlabelled_batches
 
-    _, held_out = split_unlabelled(urls)
+    held_out = getattr(split_unlabelled(urls), purpose)
     batches = finite_unlabelled_batches(held_out, batch_size=config.data.eval_batch_size, mean=config.data.mean,
                                         std=config.data.std)
     return LimitedBatches(batches, limit_images)

@@ -54,7 +54,14 @@ def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]
     try:
         model.eval()
         with torch.no_grad():
-            model(example_input)
+            try:
+                model(example_input)
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"the model does not run on an example input of shape {tuple(example_input.shape[1:])} "
+                    f"({str(exc).splitlines()[0]}); set model.input_shape (or --input-shape) to its C,H,W, "
+                    "e.g. 3,224,224"
+                ) from exc
     finally:
         for handle in handles:
             handle.remove()
@@ -104,6 +111,8 @@ def _match_one(selector: str, manifest: Sequence[LayerInfo]) -> list[LayerInfo]:
             )
         return [row for row in manifest if first <= row.number <= last]
     lowered = selector.lower()
+    if lowered == "all":
+        return list(manifest)
     if lowered.startswith("type:") or lowered in TYPE_ALIASES:
         wanted = selector.split(":", 1)[-1]
         types = TYPE_ALIASES.get(wanted.lower(), (wanted,))

@@ -25,7 +25,7 @@ from hpcq.datasets import (  # noqa: F401 - ensure_unlabelled_shards is part of 
 )
 from hpcq.errors import ConfigError, HpcqError
 from hpcq.evaluate import accuracy
-from hpcq.fileio import atomic_write_json
+from hpcq.fileio import atomic_write_json, atomic_write_text
 from hpcq.manifest import LayerInfo, build_manifest
 from hpcq.models import load_model
 from hpcq.quantize import Plan, quantize_, resolve_plan
@@ -76,8 +76,8 @@ def prepare_stage(config: RunConfig, run: RunDir, progress: bool = True) -> Prep
     source = model_source(config, progress)
     urls = ensure_unlabelled_shards(config)
     teacher = load_model(source)
-    manifest = build_manifest(teacher, example_input(config))
     _check_teacher_fits_data(teacher, config)
+    manifest = build_manifest(teacher, example_input(config))
     atomic_write_json(run.manifest, [row.to_dict() for row in manifest])
     atomic_write_json(run.root / TEACHER_SOURCE_FILE,
                       {"model_source": source, "unlabelled_urls": urls, "has_labels": has_labels(config)})
@@ -123,7 +123,7 @@ def sweep_stage(config: RunConfig, run: RunDir, prepared: Prepared, progress: bo
     if failed:
         log.warning("%d sweep tasks failed (they are retried by the next run): %s", len(failed),
                     ", ".join(f"{r['layer']} k={r['k']}" for r in failed[:5]))
-    (sweep_dir / "table.md").write_text(format_sweep_table(results, baseline, config.select.metric) + "\n")
+    atomic_write_text(sweep_dir / "table.md", format_sweep_table(results, baseline, config.select.metric) + "\n")
     return results, baseline
 
 
@@ -141,9 +141,14 @@ def select_stage(config: RunConfig, run: RunDir, prepared: Prepared, results: li
 
     biases = resolve_plan(prepared.manifest, config.quantize).biases
     path = run.root / "selection.json"
+    # The selection is reused only for the same sweep results: a retried task that now succeeds, or one that
+    # now fails, makes it choose again.
+    basis = sorted(f"{r['layer']}:{r['k']}:{r['status']}" for r in results)
     if path.is_file():
         saved = json.loads(path.read_text())
-        return Plan(weights=saved["choice"]["weights"], biases=biases)
+        if saved.get("basis") == basis:
+            return Plan(weights=saved["choice"]["weights"], biases=biases)
+        log.info("the sweep results changed since %s was written; selecting again", path)
     sel = config.select
     budget = sel.max_accuracy_drop if sel.metric == "accuracy" else 100.0 - sel.min_agreement_pct
     val = validation_batches(config, config.sweep.eval_images) if sel.metric == "accuracy" else None
@@ -158,9 +163,16 @@ def select_stage(config: RunConfig, run: RunDir, prepared: Prepared, results: li
         return 100.0 - fidelity(student, prepared.teacher, batches).agreement_pct
 
     fp32_bytes = model_sizes(prepared.teacher.state_dict(), {}).fp32_bytes
+    bias_loss = measure_loss({}) if biases else 0.0
+    if bias_loss > budget:
+        raise ConfigError(
+            f"quantizing only the biases (quantize.biases = {config.quantize.biases}) already costs {bias_loss:.2f} "
+            f"points ({sel.metric}), more than the budget of {budget}; keep more biases in float, e.g. "
+            "--set quantize.biases='{fc: 1}' (biases that feed BatchNorm are the sensitive ones)"
+        )
     selection = select_plan(results, baseline, metric=sel.metric, budget=budget, fp32_bytes=fp32_bytes,
                             measure_loss=measure_loss, max_backoff_steps=sel.max_backoff_steps)
-    atomic_write_json(path, selection.to_dict())
+    atomic_write_json(path, {**selection.to_dict(), "basis": basis, "bias_only_loss": bias_loss})
     return Plan(weights=selection.choice.weights, biases=biases)
 
 
@@ -183,11 +195,24 @@ def quantize_stage(config: RunConfig, run: RunDir, prepared: Prepared, plan: Pla
             log.info("reusing %s", run.quantized)
             return QuantizedRun(prepared.teacher, loaded.model, plan, loaded.quantized)
         log.info("%s was written for another plan; quantizing again", run.quantized)
+    discard_retraining(run)
     student = load_model(prepared.source)
     quantized = quantize_(student, plan, config.kmeans, progress=progress)
     save_artifact(run.quantized, student, quantized, model_source=prepared.source, plan=plan.to_dict(),
                   extra={"config": config_to_dict(config)})
     return QuantizedRun(prepared.teacher, student, plan, quantized)
+
+
+def discard_retraining(run: RunDir) -> None:
+    """Remove retrained models, their summaries and checkpoints: they belong to a previous quantization."""
+    import shutil
+
+    for mode in ("label_free", "labelled"):
+        for path in (run.root / f"{mode}.hpcq", run.root / f"retrain-{mode}.json"):
+            if path.exists():
+                log.info("removing %s (made from an earlier quantized model)", path)
+                path.unlink()
+    shutil.rmtree(run.root / "checkpoints", ignore_errors=True)
 
 
 def choose_plan(config: RunConfig, run: RunDir, prepared: Prepared, progress: bool = True) -> Plan:

@@ -18,9 +18,6 @@ from hpcq.qtensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
-ALL_LAYERS = "all"
-
-
 @dataclass(frozen=True)
 class Plan:
     """Number of centroids per layer, for weights and for biases (layer name -> k)."""
@@ -48,7 +45,7 @@ class Plan:
 def _resolve(manifest: Sequence[LayerInfo], rules: Mapping, with_bias: bool) -> dict[str, int]:
     chosen: dict[str, int] = {}
     for selector, k in rules.items():
-        rows = list(manifest) if str(selector) == ALL_LAYERS else select_layers(manifest, str(selector))
+        rows = select_layers(manifest, str(selector))
         for row in rows:
             if with_bias and row.bias_count == 0:
                 continue

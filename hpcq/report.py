@@ -11,6 +11,7 @@ from typing import Any
 from hpcq.artifact import load_artifact
 from hpcq.config import RunConfig
 from hpcq.datasets import has_labels, test_batches, unlabelled_eval_batches
+from hpcq.errors import ConfigError
 from hpcq.evaluate import accuracy, fidelity
 from hpcq.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hpcq.rundir import RunDir
@@ -47,8 +48,10 @@ def _targets(acc: dict[str, float], size: dict, label_free_labels_used: int | No
 
 def build_report(config: RunConfig, run: RunDir, prepared: Any, progress: bool = True) -> dict:
     """Evaluate every model of the run on the test set and write report.json, report.md and the plots."""
+    if not run.quantized.is_file():
+        raise ConfigError(f"{run.quantized} does not exist: run `hpcq quantize` (or `hpcq run`) with this spec first")
     test = test_batches(config) if has_labels(config) else None
-    unlabelled = unlabelled_eval_batches(config, prepared.unlabelled_urls)
+    unlabelled = unlabelled_eval_batches(config, prepared.unlabelled_urls, purpose="report")
 
     def test_accuracy(model, name: str) -> dict:
         return {} if test is None else {"test": accuracy(model, test, progress=progress, desc=name).to_dict()}

@@ -169,7 +169,7 @@ def run_retrain(config: RunConfig, run_dir: Path, *, labelled: bool, env: DistEn
 
 def _unlabelled_batches(config: RunConfig, env: DistEnv) -> tuple[LoaderEpochs, dict]:
     from hpcq.data.loaders import unlabelled_loader
-    from hpcq.pipeline import ensure_unlabelled_shards
+    from hpcq.datasets import ensure_unlabelled_shards, split_unlabelled
 
     rc = config.retrain
     urls: list[str] | str = []
@@ -188,17 +188,15 @@ def _unlabelled_batches(config: RunConfig, env: DistEnv) -> tuple[LoaderEpochs, 
         urls = box[0]
     if isinstance(urls, str):
         raise DataError(urls)
-    if len(urls) < 2:
-        raise DataError(f"{len(urls)} unlabelled shard(s): the last one is held out for evaluation, so at least 2 "
-                        "are needed; write smaller shards (--set data.shard_size=N)")
-    train_urls = urls[:-1]
+    split = split_unlabelled(urls)
+    train_urls = split.train
     loader = unlabelled_loader(
         train_urls, batch_size=rc.batch_size, rank=env.rank, world_size=env.world_size,
         num_workers=rc.num_workers, batches_per_epoch=rc.batches_per_epoch, shuffle_buffer=rc.shuffle_buffer,
         seed=config.seed, augment=rc.augment, mean=config.data.mean, std=config.data.std,
     )
     return LoaderEpochs(loader), {"kind": "unlabelled shards", "train_shards": len(train_urls),
-                                  "held_out_shard": urls[-1]}
+                                  "held_out_shards": split.select + split.report}
 
 
 def _labelled_batches(config: RunConfig, env: DistEnv) -> tuple[LabelledBatches, dict]:
@@ -217,6 +215,7 @@ def _labelled_batches(config: RunConfig, env: DistEnv) -> tuple[LabelledBatches,
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m hpcq.retrain_job SPEC [--labelled] [--set k=v ...]``, one process per rank."""
     from hpcq.config import load_config
+    from hpcq.rundir import open_run_dir
 
     parser = argparse.ArgumentParser(prog="python -m hpcq.retrain_job",
                                      description="retrain RUN_DIR/quantized.hpcq (run once per rank)")
@@ -233,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format=f"%(asctime)s rank{env.rank} %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
         config = load_config(args.spec, args.overrides)
-        summary = run_retrain(config, Path(config.run_dir), labelled=args.labelled, env=env,
+        run = open_run_dir(config)  # refuses a run directory that holds another spec
+        summary = run_retrain(config, run.root, labelled=args.labelled, env=env,
                               progress=not args.no_progress)
     except HpcqError as exc:
         logging.basicConfig(level=logging.INFO)

@@ -64,7 +64,9 @@ def open_run_dir(config: RunConfig) -> RunDir:
     resolved = config_to_dict(config)
     if run.config.is_file():
         existing = yaml.safe_load(run.config.read_text()) or {}
-        if existing != resolved:
+        # A directory where a first attempt failed before computing anything may take the corrected spec.
+        holds_results = any(p.name != run.config.name for p in run.root.iterdir())
+        if existing != resolved and holds_results:
             old, new = _flatten(existing), _flatten(resolved)
             changed = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
             raise ConfigError(

@@ -42,7 +42,7 @@ class SweepTaskSpec:
 
 def plan_tasks(run_dir: Path, manifest: Sequence[LayerInfo], config: SweepConfig) -> list[SweepTaskSpec]:
     """All (layer, k) tasks of the sweep; k above a layer's number of weights is left out (it cannot fit)."""
-    rows = list(manifest) if config.layers == "all" else select_layers(manifest, config.layers)
+    rows = select_layers(manifest, config.layers)
     return [
         SweepTaskSpec(str(run_dir), row.name, row.number, k)
         for row in rows

@@ -431,7 +431,7 @@ def test_run_retrain_label_free_writes_the_artifact_and_summary_once(tmp_path):
     assert artifact == run_dir / "label_free.hpcq" and summary_path == run_dir / "retrain-label_free.json"
     assert json.loads(summary_path.read_text()) == json.loads(json.dumps(summary))
     assert summary["steps"] == 3 and summary["mode"] == "label_free" and summary["labelled_images_used"] == 0
-    assert summary["data"]["train_shards"] == 7  # of 8: the last is held out
+    assert summary["data"]["train_shards"] == 6  # of 8: the last two are held out
     assert [p.name for p in checkpoint_paths(checkpoints)] == ["step-00000002.pt", "step-00000003.pt"]
     loaded = load_artifact(artifact)
     assert loaded.header["model_source"] == quantized_before.header["model_source"]

@@ -3,7 +3,7 @@
 The pipeline is an explicit list of module-level (so picklable) WebDataset stages:
 
     shard list -> split by rank -> split by worker -> repeat endlessly -> tar to samples -> count
-    -> shuffle -> decode PNG -> to uint8 tensor -> batch -> (augment)
+    -> shuffle -> decode PNG to a uint8 tensor -> batch -> (augment)
 
 run by the DataLoader workers, followed in the training process by one vectorised step per batch:
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import count, islice
 from typing import Any
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from hpcq.errors import DataError
 
@@ -128,11 +128,150 @@ class RepeatShards(wds.PipelineStage):
 
 
 def _tar_to_samples(src: Iterable[dict[str, str]], health: StreamHealth) -> Iterator[dict[str, Any]]:
-    """Like wds.tarfile_to_samples, but closes each shard file as soon as it is read (and when the
-    epoch is cut mid-shard) instead of leaving it to the garbage collector."""
-    return group_by_keys(
-        tar_file_expander(_open_shards(src, health), handler=health.handle), handler=health.handle
-    )
+    """Like wds.tarfile_to_samples: the members of each shard grouped into samples ``{"__key__": key,
+    "__url__": url, suffix: bytes, ...}``, consecutive members with the same key (the name up to the first
+    dot of its base name) making one sample, suffixes in lower case, ``__meta__`` names skipped. But it
+    reads the tar headers itself (the standard library's tarfile costs about five times as much per member,
+    which made it the largest part of a worker's time with small images), and closes each shard file as
+    soon as it is read (and when the epoch is cut mid-shard) instead of leaving it to the garbage collector.
+    A damaged shard is reported to ``health`` and the samples read before the damage are kept."""
+    for source in _open_shards(src, health):
+        url = source["url"]
+        sample: dict[str, Any] | None = None
+        try:
+            for name, data in _tar_members(source["stream"]):
+                slash = name.rfind("/")
+                dot = name.find(".", slash + 1)
+                if dot <= slash + 1 or (name.startswith("__") and _TAR_META.match(name)):
+                    continue  # no key (as WebDataset: a base name without a dot, or starting with one)
+                key, suffix = name[:dot], name[dot + 1 :].lower()
+                if sample is None or sample["__key__"] != key:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                elif suffix in sample:
+                    health.handle(ValueError(f"{url}: member {name} of sample {key!r} appears twice; kept the first"))
+                    continue
+                sample[suffix] = data
+        except (OSError, ValueError) as exn:
+            health.handle(ValueError(f"{url}: {exn}"))
+        if sample is not None:
+            yield sample
+
+
+_TAR_META = re.compile(r"__[^/]*__($|/)")
+_TAR_BLOCK = 512
+_TAR_POSIX_MAGIC = b"ustar\x0000"
+# Member types with no data blocks after the header whatever their size field says (tarfile's rule):
+# hard and symbolic links, character and block devices, directories, fifos.
+_TAR_NO_DATA = frozenset(b"123456")
+
+
+def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of an uncompressed tar stream, in order: ustar, POSIX pax
+    (``path`` and ``size`` records) and GNU long names; links, directories and other members skipped.
+
+    Raises:
+        ValueError: not a tar stream (bad header checksum), or cut short.
+    """
+    offset = 0
+    pax: dict[bytes, bytes] = {}
+    long_name: str | None = None
+    while True:
+        header = _read_exactly(stream, _TAR_BLOCK, offset)
+        if not header:
+            if offset == 0:
+                raise ValueError("empty file, not a tar archive")
+            return  # no end-of-archive blocks: tolerated, as tarfile does
+        if header.count(0) == _TAR_BLOCK:
+            return  # end of archive
+        _check_tar_header(header, offset)
+        kind = header[156:157]
+        size = int(pax[b"size"]) if b"size" in pax else _tar_number(header[124:136], offset)
+        offset += _TAR_BLOCK
+        data = b""
+        if kind not in _TAR_NO_DATA:
+            padding = -size % _TAR_BLOCK  # data is padded to whole blocks
+            data = _read_exactly(stream, size, offset, exact=True)
+            _read_exactly(stream, padding, offset + size, exact=True)
+            offset += size + padding
+        if kind == b"x":  # pax extended header of the next member
+            pax = _pax_records(data, offset)
+            continue
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        if kind in (b"g", b"K"):  # pax global header, GNU long link name: nothing we use
+            continue
+        if b"path" in pax:
+            name = pax[b"path"].decode("utf-8", "surrogateescape")
+        elif long_name is not None:
+            name = long_name
+        else:
+            name = _tar_string(header[0:100])
+            if header[257:265] == _TAR_POSIX_MAGIC and header[345] != 0:
+                name = _tar_string(header[345:500]) + "/" + name
+        pax, long_name = {}, None
+        if kind in (b"0", b"\0", b"7") and not name.endswith("/"):
+            yield name, data
+
+
+def _read_exactly(stream: Any, size: int, offset: int, exact: bool = False) -> bytes:
+    """``size`` bytes from ``stream``; fewer only at the end of the stream, and then an error if ``exact``
+    or if the stream ends inside a header block."""
+    data = stream.read(size) if size else b""
+    while len(data) < size:
+        more = stream.read(size - len(data))
+        if not more:
+            break
+        data += more
+    if len(data) < size and (exact or data):
+        raise ValueError(f"the file is cut short: ends at byte {offset + len(data)} inside a tar member")
+    return data
+
+
+def _check_tar_header(header: bytes, offset: int) -> None:
+    stored = _tar_number(header[148:156], offset)
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as 8 spaces
+    if stored == unsigned:
+        return
+    # Some old tar programs summed signed bytes: each byte over 127 then counts 256 less.
+    if stored != unsigned - 256 * sum(1 for byte in header[:148] + header[156:] if byte > 127):
+        gzip = " (it is gzip-compressed: the loaders read uncompressed tar files)" if header[:2] == b"\x1f\x8b" else ""
+        raise ValueError(f"not a tar archive, or damaged: bad header checksum at byte {offset}{gzip}")
+
+
+def _tar_number(field: bytes, offset: int) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 (only the positive form is meaningful here)
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise ValueError(f"not a tar archive, or damaged: bad number {field!r} in the header at byte {offset}") from None
+
+
+def _tar_string(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
+    """The ``length key=value\\n`` records of a pax extended header."""
+    records: dict[bytes, bytes] = {}
+    position = 0
+    while position < len(data) and data[position] != 0:
+        space = data.find(b" ", position)
+        try:
+            length = int(data[position:space])
+        except ValueError:
+            raise ValueError(f"bad pax extended header before byte {offset}") from None
+        if space < 0 or length <= 0 or position + length > len(data):
+            raise ValueError(f"bad pax extended header before byte {offset}")
+        key, equals, value = data[space + 1 : position + length - 1].partition(b"=")
+        if equals:
+            records[key] = value
+        position += length
+    return records
 
 
 def _open_shards(src: Iterable[dict[str, str]], health: StreamHealth) -> Iterator[dict[str, Any]]:
@@ -168,29 +307,74 @@ class SeededShuffle(wds.PipelineStage):
         return wds.shuffle(self.bufsize, initial=self.bufsize, seed=seed)(iter(src))
 
 
-def _decode_png(sample: dict[str, Any]) -> np.ndarray:
-    where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
+def _decode_images(src: Iterable[dict[str, Any]], health: StreamHealth) -> Iterator[torch.Tensor]:
+    """Samples -> (C, H, W) uint8 image tensors; a sample that cannot be decoded is reported to ``health``."""
+    for sample in src:
+        try:
+            image = _decode_png(sample)
+        except ValueError as exn:
+            health.handle(exn)
+            continue
+        health.good += 1
+        yield image
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_torchvision_decode_png: Any = None
+
+
+def _png_decoder() -> Any:
+    """torchvision.io.decode_png, imported on first use (importing torchvision takes a second or so).
+    UnlabelledLoader imports it before starting its workers, so that forked workers inherit it."""
+    global _torchvision_decode_png
+    if _torchvision_decode_png is None:
+        from torchvision.io import decode_png
+
+        _torchvision_decode_png = decode_png
+    return _torchvision_decode_png
+
+
+def _decode_png(sample: dict[str, Any]) -> torch.Tensor:
+    """The sample's .png member as a (C, H, W) uint8 tensor, gray (C = 1) or RGB (C = 3).
+
+    8-bit gray and RGB PNGs (what `hpcq shards` writes) are decoded by torchvision (libpng), about twice
+    as fast as PIL for small images, and pixel for pixel the same; any other PNG, and any that torchvision
+    refuses, by PIL, converted to RGB when neither gray nor RGB.
+
+    Raises:
+        ValueError: no .png member, or not a decodable PNG.
+    """
     data = sample.get("png")
     if data is None:
-        raise ValueError(f"{where} has no .png member (members: {sorted(k for k in sample if k[0] != '_')})")
+        raise ValueError(
+            f"{_where(sample)} has no .png member (members: {sorted(k for k in sample if k[0] != '_')})"
+        )
+    # IHDR, the first chunk, at a fixed place: bit depth at byte 24, colour type at 25 (0 gray, 2 RGB).
+    if len(data) > 25 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24] == 8:
+        channels = {0: 1, 2: 3}.get(data[25])
+        if channels is not None:
+            try:
+                image = _png_decoder()(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            except RuntimeError:
+                pass  # damaged: PIL decides, and says why
+            else:
+                if image.dtype == torch.uint8 and image.shape[0] == channels:
+                    return image
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.mode not in ("L", "RGB"):
-                image = image.convert("RGB")
-            return np.array(image, dtype=np.uint8)
+        with Image.open(io.BytesIO(data)) as pil_image:
+            pil_image.load()
+            if pil_image.mode not in ("L", "RGB"):
+                pil_image = pil_image.convert("RGB")
+            array = np.array(pil_image, dtype=np.uint8)
     except Exception as exc:
         # PIL raises many exception types for broken data; each means "this sample is bad".
-        raise ValueError(f"{where}: cannot decode PNG: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"{_where(sample)}: cannot decode PNG: {type(exc).__name__}: {exc}") from exc
+    tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
-def _to_tensor(src: Iterable[np.ndarray], health: StreamHealth) -> Iterator[torch.Tensor]:
-    """(H, W) or (H, W, C) uint8 arrays -> (C, H, W) uint8 tensors (views, no copy)."""
-    for array in src:
-        tensor = torch.from_numpy(array)
-        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-        health.good += 1
-        yield tensor
+def _where(sample: dict[str, Any]) -> str:
+    return f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
 
 
 class RandomFlipShift(wds.PipelineStage):
@@ -347,8 +531,7 @@ class UnlabelledLoader:
             wds.pipelinefilter(_tar_to_samples)(health),
             wds.pipelinefilter(_count_samples)(health),
             SeededShuffle(self.shuffle_buffer, self.seed, epoch, self.rank),
-            wds.map(_decode_png, handler=health.handle),
-            wds.pipelinefilter(_to_tensor)(health),
+            wds.pipelinefilter(_decode_images)(health),
             wds.batched(self.batch_size, collation_fn=_stack, partial=False),
             RandomFlipShift(self.seed, epoch, self.rank) if self.augment else None,
         ]
@@ -362,6 +545,7 @@ class UnlabelledLoader:
         # A new DataLoader per epoch hands the epoch's seeds to fresh workers; the cost (starting workers)
         # is small next to an epoch of training. Workers set torch's threads to 1 themselves (torch does so
         # in every DataLoader worker), so they start no thread pools of their own.
+        _png_decoder()  # imported here once, not by every forked worker of every epoch
         options: dict[str, Any] = {}
         if self.num_workers > 0:
             options = {"prefetch_factor": PREFETCH_BATCHES, "multiprocessing_context": self.multiprocessing_context}
@@ -453,8 +637,7 @@ def finite_unlabelled_batches(
         ShardList(urls),
         _as_url_dicts,
         wds.pipelinefilter(_tar_to_samples)(health),
-        wds.map(_decode_png, handler=health.handle),
-        wds.pipelinefilter(_to_tensor)(health),
+        wds.pipelinefilter(_decode_images)(health),
         wds.batched(batch_size, collation_fn=_stack, partial=True),
         wds.map(Normalize(mean, std)),
     )
