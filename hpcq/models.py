@@ -134,12 +134,18 @@ def load_model(model_source: Mapping[str, Any]) -> nn.Module:
     if kind == "torchvision":
         model = _torchvision_model(model_source["name"], model_source.get("weights"))
     elif kind == "factory":
-        model = build_architecture(model_source)
         checkpoint = model_source.get("checkpoint")
+        model = build_architecture(model_source) if checkpoint else None
         if checkpoint:
             load_checkpoint_into(model, Path(checkpoint))
         else:
-            log.warning("factory %s loaded without a checkpoint: its weights are untrained", model_source["factory"])
+            # Built under a fixed seed, so teacher and students of a run start from the same weights even when
+            # the factory initialises randomly (a factory may also load trained weights itself).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = build_architecture(model_source)
+            log.warning("factory %s has no checkpoint: its weights are whatever the factory makes (seed 0)",
+                        model_source["factory"])
     elif kind == "artifact":
         model = build_architecture(model_source)
     else:

@@ -78,10 +78,33 @@ def prepare_stage(config: RunConfig, run: RunDir, progress: bool = True) -> Prep
     teacher = load_model(source)
     _check_teacher_fits_data(teacher, config)
     manifest = build_manifest(teacher, example_input(config))
+    digest = _checkpoint_digest(source)
+    source_file = run.root / TEACHER_SOURCE_FILE
+    if source_file.is_file():
+        previous = json.loads(source_file.read_text()).get("checkpoint_sha256")
+        if previous != digest:
+            raise ConfigError(
+                f"the teacher's checkpoint {source.get('checkpoint')} changed since {run.root} was computed from it; "
+                "its sweep, plan and models belong to the old weights: use a new run_dir (--set run_dir=...)"
+            )
     atomic_write_json(run.manifest, [row.to_dict() for row in manifest])
-    atomic_write_json(run.root / TEACHER_SOURCE_FILE,
-                      {"model_source": source, "unlabelled_urls": urls, "has_labels": has_labels(config)})
+    atomic_write_json(source_file, {"model_source": source, "unlabelled_urls": urls, "has_labels": has_labels(config),
+                                    "checkpoint_sha256": digest})
     return Prepared(source, teacher, manifest, urls)
+
+
+def _checkpoint_digest(source: dict) -> str | None:
+    """SHA-256 of the teacher's checkpoint file (None when the source has none)."""
+    import hashlib
+
+    checkpoint = source.get("checkpoint") or source.get("path")
+    if not checkpoint:
+        return None
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_teacher_fits_data(teacher: nn.Module, config: RunConfig) -> None:

@@ -108,3 +108,23 @@ def test_biases_alone_breaking_the_budget_are_named(tmp_path, image_folder):
     results, baseline = sweep_stage(config, run, prepared, progress=False)
     with pytest.raises(ConfigError, match="quantize.biases"):
         select_stage(config, run, prepared, results, baseline)
+
+
+def test_a_changed_teacher_checkpoint_is_refused(tmp_path, small_checkpoint, image_folder):
+    spec = write_spec(tmp_path, small_checkpoint, image_folder)
+    config = load_config(spec)
+    prepare_stage(config, open_run_dir(config), progress=False)
+    prepare_stage(config, open_run_dir(config), progress=False)  # same weights: fine
+    state = torch.load(small_checkpoint, weights_only=True)
+    state["classifier.7.bias"] += 1.0
+    torch.save(state, small_checkpoint)
+    with pytest.raises(ConfigError, match="changed since"):
+        prepare_stage(config, open_run_dir(config), progress=False)
+
+
+def test_a_factory_without_checkpoint_gives_the_same_weights_every_time():
+    from hpcq.models import load_model
+
+    source = {"kind": "factory", "factory": "hpcq.zoo:fashion_vgg", "kwargs": SMALL_KWARGS}
+    a, b = load_model(source), load_model(source)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
