@@ -13,13 +13,13 @@ PYTHON=${PYTHON:-python3}
 APT_PACKAGES=(dataset-fashion-mnist openclipart-png)
 
 log() { printf '[install] %s\n' "$*"; }
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   log "installing Debian packages: ${missing[*]}"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -27,7 +27,13 @@ fi
 
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
+  if ! "$PYTHON" -m venv .venv; then
+    # Debian's own python3 needs the python3-venv package for this.
+    rm -rf .venv
+    log "installing python3-venv"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    "$PYTHON" -m venv .venv
+  fi
 fi
 # torch first and pinned: an unpinned torch would pull a newer multi-GB build.
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
