@@ -1,6 +1,7 @@
 """Codebook fitting: one interface, two backends.
 
-- ``exact`` (default for scalar weights): optimal 1-D k-means on a fine histogram, deterministic.
+- ``exact`` (default for scalar weights): optimal 1-D k-means on a fine histogram (compiled with numba),
+  deterministic.
 - ``faiss``: ``faiss.Kmeans`` on GPU when present, CPU otherwise, with ``niter``, ``seed`` and
   ``max_points_per_centroid`` set explicitly.
 """
@@ -39,12 +40,15 @@ def _as_numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1))
 
 
-def _check_inputs(values: np.ndarray, k: int, sample_weight: np.ndarray | None) -> None:
+def _check_inputs(values: np.ndarray, k: int, sample_weight: np.ndarray | None) -> tuple[float, float]:
+    """Raise QuantizationError for unusable inputs; return the smallest and largest value."""
     if values.size == 0:
         raise QuantizationError("cannot fit a codebook to an empty tensor (the layer has no weights)")
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
         raise QuantizationError(f"number of centroids k must be an integer >= 1, got {k!r}")
-    if not np.all(np.isfinite(values)):
+    # NaN propagates into min and max, and an infinity is one of them: two reductions check every value.
+    lo, hi = float(values.min()), float(values.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         bad = int(values.size - np.isfinite(values).sum())
         raise QuantizationError(f"{bad} of {values.size} weights are NaN or infinite; fix the model before quantizing")
     if sample_weight is not None:
@@ -61,12 +65,14 @@ def _check_inputs(values: np.ndarray, k: int, sample_weight: np.ndarray | None) 
             raise QuantizationError(
                 f"k={k} is more centroids than the {distinct} distinct values in the tensor; use k <= {distinct}"
             )
+    return lo, hi
 
 
 def weighted_sse(values: np.ndarray, sample_weight: np.ndarray | None, centroids: np.ndarray, assignments: np.ndarray) -> float:
     """Weighted sum of squared distances of the values to their assigned centroids."""
     total = 0.0
-    for part in exact._chunks(values.size):
+    for start in range(0, values.size, exact.VALUES_PER_CHUNK):
+        part = slice(start, start + exact.VALUES_PER_CHUNK)
         diff = values[part].astype(np.float64) - centroids[assignments[part]].astype(np.float64)
         sq = diff * diff
         total += float(sq.sum() if sample_weight is None else (sq * sample_weight[part]).sum())
@@ -88,7 +94,7 @@ def fit_codebook(
     """Fit a k-centroid codebook to the scalar ``values`` (any shape; flattened).
 
     ``sample_weight`` (same number of values, >= 0) weighs each value's squared error, e.g. by its
-    sensitivity. ``bins`` sets the exact method's histogram resolution (0: automatic). ``niter``, ``seed``,
+    sensitivity. ``bins`` sets the exact method's histogram resolution (0: 65,536). ``niter``, ``seed``,
     ``max_points_per_centroid`` (0: all points) and ``device`` configure the FAISS method, which ignores
     ``sample_weight`` only by refusing it. Errors: empty input, NaN/inf, k < 1, k above the distinct values.
     """
@@ -96,7 +102,7 @@ def fit_codebook(
         raise QuantizationError(f"unknown k-means method {method!r}; choose one of {METHODS}")
     x = _as_numpy(values)
     w = None if sample_weight is None else _as_numpy(sample_weight)
-    _check_inputs(x, k, w)
+    value_range = _check_inputs(x, k, w)
     if method == "faiss":
         if w is not None:
             raise QuantizationError("the faiss method has no per-value weights; use method exact for sample_weight")
@@ -107,16 +113,18 @@ def fit_codebook(
         assignments = exact.assign_nearest(x, centroids)
         sse = weighted_sse(x, w, centroids, assignments)
     else:
-        centroids, assignments, sse = _fit_exact(x, k, w, bins or exact.default_bins(k))
+        centroids, assignments, sse = _fit_exact(x, k, w, bins or exact.DEFAULT_BINS, value_range)
     return CodebookFit(centroids.astype(np.float32), assignments, sse)
 
 
-def _fit_exact(x: np.ndarray, k: int, w: np.ndarray | None, bins: int) -> tuple[np.ndarray, np.ndarray, float]:
-    binned = exact.distinct_values(x, w) if x.size <= bins else exact.histogram(x, w, bins)
+def _fit_exact(
+    x: np.ndarray, k: int, w: np.ndarray | None, bins: int, value_range: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    binned = exact.distinct_values(x, w) if x.size <= bins else exact.histogram(x, w, bins, value_range)
     if binned.stats.size < k and x.size > bins:  # values crowd into few bins: one bin per distinct value
         binned = exact.distinct_values(x, w)
     if binned.stats.size < k:
         raise QuantizationError(
             f"k={k} is more centroids than the {binned.stats.size} distinct values with non-zero weight"
         )
-    return exact.fit_binned(binned, k)
+    return exact.fit_binned(x, binned, k)
