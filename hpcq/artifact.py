@@ -44,7 +44,7 @@ from hpcq import __version__
 from hpcq.bitpack import pack_indices, packed_nbytes, unpack_indices
 from hpcq.errors import ArtifactError, ModelError
 from hpcq.qtensor import QuantizedTensor, bits_for
-from hpcq.sizes import SizeReport, check_quantized_names, model_sizes
+from hpcq.sizes import SizeReport, check_quantized_names, model_sizes, shared_entries
 
 FORMAT = "hpcq"
 FORMAT_VERSION = 1
@@ -107,14 +107,16 @@ def save_artifact(
     state_dict = model.state_dict()
     _check_quantized_fit(state_dict, quantized)
 
+    # A tied tensor (one parameter under two names) is stored once; the header maps the other name to it.
+    aliases = shared_entries(state_dict)
     tensors: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
     for name, tensor in state_dict.items():
-        if name in quantized:
+        if name in quantized or name in aliases:
             continue
         tensor = tensor.detach().cpu().contiguous()
         ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen_storages:  # safetensors refuses tensors that share memory (tied weights)
+        if ptr in seen_storages:  # safetensors refuses tensors that share memory, e.g. views of one buffer
             tensor = tensor.clone()
         elif ptr:
             seen_storages.add(ptr)
@@ -147,6 +149,7 @@ def save_artifact(
         "plan": plan,
         "extra": extra,
         "quantized": entries,
+        "aliases": aliases,
         "sizes": sizes.to_dict(),
     }
     try:
@@ -215,10 +218,22 @@ def load_artifact(path: Path | str, build_model: Callable[[dict], nn.Module] | N
     state_dict = dict(tensors)
     for name, qt in quantized.items():
         state_dict[name] = qt.dequantize()
+    for alias, owner in _decode_aliases(path, header, state_dict).items():
+        state_dict[alias] = state_dict[owner]
     _check_architecture(path, header, model.state_dict(), state_dict, quantized)
     model.load_state_dict(state_dict, strict=True)
     model.eval()
     return LoadedArtifact(model=model, quantized=quantized, header=header)
+
+
+def _decode_aliases(path: Path, header: Mapping, state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The header's tied-tensor names (alias -> stored name); absent in files without tied tensors."""
+    aliases = header.get("aliases", {})
+    if not isinstance(aliases, dict) or any(
+        not isinstance(alias, str) or owner not in state_dict for alias, owner in aliases.items()
+    ):
+        raise ArtifactError(f"{path}: the header's aliases do not name stored tensors; the file is damaged")
+    return aliases
 
 
 def artifact_sha256(tensors: Mapping[str, torch.Tensor], header: Mapping | None = None) -> str:

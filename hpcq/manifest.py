@@ -8,6 +8,9 @@ in all, then the classifier as 54. BatchNorm and other layers stay float and get
 The order is the order in which the layers first run on an example input (forward hooks), so a model
 that registers modules in another order than it calls them is still numbered as it runs. Without an
 example input, registration order is used.
+
+A layer whose weight is the very tensor of an earlier layer's weight (tied weights) keeps its number but
+is marked ``tied_to`` that layer: its weights are stored, counted and quantized once, with the earlier one.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class LayerInfo:
     weight_count: int
     bias_count: int
     share_pct: float
+    tied_to: str = ""
 
     def to_dict(self) -> dict:
         """A JSON-able dict of the row."""
@@ -77,12 +81,17 @@ def build_manifest(model: nn.Module, example_input: torch.Tensor | None = None) 
         ran = _execution_order(model, example_input)
         # Layers that never ran on the example keep their registration order, after the ones that did.
         names = ran + [n for n in names if n not in ran]
-    total = sum(p.numel() for p in model.parameters()) or 1
+    total = sum(p.numel() for p in model.parameters()) or 1  # parameters() lists a tied tensor once
+    owner_of_weight: dict[int, str] = {}
     rows = []
     for number, name in enumerate(names, start=1):
         module = modules[name]
         weight_count = module.weight.numel()
         bias_count = module.bias.numel() if module.bias is not None else 0
+        tied_to = owner_of_weight.setdefault(id(module.weight), name)
+        tied_to = "" if tied_to == name else tied_to
+        # A tied layer's weights are already counted with their owner.
+        counted = (0 if tied_to else weight_count) + bias_count
         rows.append(
             LayerInfo(
                 number=number,
@@ -90,7 +99,8 @@ def build_manifest(model: nn.Module, example_input: torch.Tensor | None = None) 
                 type=type(module).__name__,
                 weight_count=weight_count,
                 bias_count=bias_count,
-                share_pct=100.0 * (weight_count + bias_count) / total,
+                share_pct=100.0 * counted / total,
+                tied_to=tied_to,
             )
         )
     return rows
@@ -151,9 +161,11 @@ def format_manifest(manifest: Sequence[LayerInfo]) -> str:
     width = max([len(r.name) for r in manifest] + [4])
     lines = [f"{'#':>3}  {'name':<{width}}  {'type':<7}  {'weights':>11}  {'biases':>7}  {'share %':>7}"]
     for r in manifest:
+        tied = f"  weight tied to {r.tied_to}" if r.tied_to else ""
         lines.append(
-            f"{r.number:>3}  {r.name:<{width}}  {r.type:<7}  {r.weight_count:>11,}  {r.bias_count:>7,}  {r.share_pct:>7.2f}"
+            f"{r.number:>3}  {r.name:<{width}}  {r.type:<7}  {r.weight_count:>11,}  {r.bias_count:>7,}  "
+            f"{r.share_pct:>7.2f}{tied}"
         )
-    total = sum(r.weight_count + r.bias_count for r in manifest)
+    total = sum((0 if r.tied_to else r.weight_count) + r.bias_count for r in manifest)
     lines.append(f"{len(manifest)} layers, {total:,} weights and biases in them")
     return "\n".join(lines)

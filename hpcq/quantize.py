@@ -50,8 +50,25 @@ def _resolve(manifest: Sequence[LayerInfo], rules: Mapping, with_bias: bool) -> 
             if with_bias and row.bias_count == 0:
                 continue
             chosen[row.name] = int(k)
+    if not with_bias:
+        chosen = _tied_weights_to_owners(manifest, chosen)
     order = {row.name: row.number for row in manifest}
     return dict(sorted(chosen.items(), key=lambda item: order[item[0]]))
+
+
+def _tied_weights_to_owners(manifest: Sequence[LayerInfo], chosen: dict[str, int]) -> dict[str, int]:
+    """A layer whose weight is tied to an earlier layer's is quantized as that layer (once)."""
+    tied_to = {row.name: row.tied_to for row in manifest if row.tied_to}
+    owners: dict[str, int] = {}
+    for name, k in chosen.items():
+        owner = tied_to.get(name, name)
+        if owners.setdefault(owner, k) != k:
+            sharing = sorted(n for n in chosen if tied_to.get(n, n) == owner)
+            raise ConfigError(
+                f"layers {', '.join(sharing)} share one weight tensor (tied weights) but the plan gives them "
+                f"different numbers of centroids; give them the same k"
+            )
+    return owners
 
 
 def resolve_plan(manifest: Sequence[LayerInfo], config: QuantizeConfig) -> Plan:
@@ -98,7 +115,7 @@ def quantize_(
     their dequantized values afterwards. ``sample_weights`` optionally weigh each value's error per parameter.
     """
     params = dict(model.named_parameters())
-    targets = plan.parameters()
+    targets = _shared_parameters_once(model, plan.parameters())
     missing = [name for name in targets if name not in params]
     if missing:
         raise QuantizationError(f"the plan names parameters the model does not have: {missing[:5]}")
@@ -112,6 +129,24 @@ def quantize_(
         log.debug("quantized %s to k=%d", name, k)
     apply_quantized_(model, quantized)
     return quantized
+
+
+def _shared_parameters_once(model: nn.Module, targets: Mapping[str, int]) -> dict[str, int]:
+    """The plan's parameter names, with every alias of a shared (tied) parameter replaced by the name
+    ``named_parameters()`` lists it under; an alias and its owner planned with different k is an error."""
+    owner_name: dict[int, str] = {}
+    alias_to_owner: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        alias_to_owner[name] = owner_name.setdefault(id(param), name)
+    resolved: dict[str, int] = {}
+    for name, k in targets.items():
+        owner = alias_to_owner.get(name, name)
+        if resolved.setdefault(owner, k) != k:
+            raise QuantizationError(
+                f"{name} and {owner} are one shared tensor (tied weights) but are planned with different "
+                f"numbers of centroids ({k} and {resolved[owner]}); give them the same k"
+            )
+    return resolved
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

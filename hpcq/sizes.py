@@ -13,7 +13,8 @@ across formats and with the paper. The rules, per state-dict entry:
   layer's own index histogram: ``ceil(sum_i count_i * len_i / 8)`` bytes, plus a code table of one byte
   (a code length) per centroid. With a single used centroid no index bits are needed at all.
 
-Reductions are ``100 * (1 - size / fp32)`` percent.
+Reductions are ``100 * (1 - size / fp32)`` percent. An entry that is the very tensor of an earlier entry
+(tied weights: one parameter under two names) is stored once and counted once, under the earlier name.
 """
 
 from __future__ import annotations
@@ -133,20 +134,39 @@ class SizeReport:
         return asdict(self)
 
 
+def shared_entries(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Entries that are the same tensor as an earlier entry (same memory, shape and strides): name -> the
+    earlier entry's name. A module registered twice, or tied weights, show up this way."""
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state_dict.items():
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.device, tensor.dtype, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        owner = first.setdefault(key, name)
+        if owner != name:
+            aliases[name] = owner
+    return aliases
+
+
 def per_tensor_sizes(
     state_dict: Mapping[str, torch.Tensor],
     quantized: Mapping[str, QuantizedTensor],
     *,
     include_unquantized: bool = True,
 ) -> list[TensorSize]:
-    """One :class:`TensorSize` row per state-dict entry, in state-dict order (payload sizes).
+    """One :class:`TensorSize` row per state-dict entry, in state-dict order (payload sizes); an entry that
+    shares its tensor with an earlier one (see :func:`shared_entries`) gets no row of its own.
 
     Every name in ``quantized`` must be a state-dict entry of the same shape (ValueError otherwise). With
     ``include_unquantized=False`` only the quantized entries are listed.
     """
     check_quantized_names(state_dict, quantized)
+    aliases = shared_entries(state_dict)
     rows = []
     for name, tensor in state_dict.items():
+        if name in aliases:
+            continue
         numel = int(tensor.numel())
         fp32 = numel * (FP32_BYTES if tensor.is_floating_point() else tensor.element_size())
         qt = quantized.get(name)
@@ -181,14 +201,18 @@ def _reduction(size: int, fp32: int) -> float:
 def check_quantized_names(
     state_dict: Mapping[str, torch.Tensor], quantized: Mapping[str, QuantizedTensor]
 ) -> None:
-    """ValueError unless every quantized tensor names a state-dict entry of the same shape."""
+    """ValueError unless every quantized tensor names a state-dict entry of the same shape, and not a
+    second name of a tensor listed earlier (tied weights are quantized under their first name)."""
     missing = [name for name in quantized if name not in state_dict]
     if missing:
         raise ValueError(
             f"quantized tensors not in the state dict: {missing[:5]}"
             + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
         )
+    aliases = shared_entries(state_dict)
     for name, qt in quantized.items():
+        if name in aliases:
+            raise ValueError(f"{name} is the same tensor as {aliases[name]}: quantize it under that name")
         if tuple(qt.shape) != tuple(state_dict[name].shape):
             raise ValueError(
                 f"quantized tensor {name!r} has shape {tuple(qt.shape)} but the state dict entry has "
@@ -205,4 +229,5 @@ __all__ = [
     "index_histogram",
     "model_sizes",
     "per_tensor_sizes",
+    "shared_entries",
 ]

@@ -41,8 +41,11 @@ class SweepTaskSpec:
 
 
 def plan_tasks(run_dir: Path, manifest: Sequence[LayerInfo], config: SweepConfig) -> list[SweepTaskSpec]:
-    """All (layer, k) tasks of the sweep; k above a layer's number of weights is left out (it cannot fit)."""
-    rows = select_layers(manifest, config.layers)
+    """All (layer, k) tasks of the sweep; k above a layer's number of weights is left out (it cannot fit),
+    and a layer whose weight is tied to an earlier layer's is swept as that layer."""
+    by_name = {row.name: row for row in manifest}
+    owners = {by_name[row.tied_to or row.name].number for row in select_layers(manifest, config.layers)}
+    rows = [row for row in manifest if row.number in owners]
     return [
         SweepTaskSpec(str(run_dir), row.name, row.number, k)
         for row in rows
