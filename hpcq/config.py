@@ -145,10 +145,15 @@ class SweepConfig:
     mem_gb: float = 4.0
     eval_images: int = 5000
     fidelity_images: int = 1000
+    slurm_partition: str = ""
+    slurm_account: str = ""
+    gpus_per_task: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "sweep", "max_parallel", "timeout_min", "cpus_per_task", "mem_gb", "eval_images",
                   "fidelity_images")
+        if self.gpus_per_task < 0:
+            raise ConfigError(f"sweep.gpus_per_task must be >= 0, got {self.gpus_per_task}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"sweep.ks must be numbers of centroids >= 1, got {list(self.ks)}")
 

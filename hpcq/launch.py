@@ -34,10 +34,27 @@ def make_executor(config: SweepConfig, folder: Path):
         return executor
     if config.executor == "slurm":
         executor = submitit.AutoExecutor(folder, cluster="slurm")
-        executor.update_parameters(timeout_min=config.timeout_min, cpus_per_task=config.cpus_per_task,
-                                   mem_gb=config.mem_gb, slurm_array_parallelism=config.max_parallel)
+        executor.update_parameters(**slurm_parameters(config))
         return executor
     raise ConfigError(f"sweep.executor {config.executor!r} is not one of debug, local, slurm")
+
+
+def slurm_parameters(config: SweepConfig) -> dict[str, Any]:
+    """submitit parameters of the sweep's Slurm job array (one task per array element)."""
+    params: dict[str, Any] = {
+        "name": "hpcq-sweep",
+        "timeout_min": config.timeout_min,
+        "cpus_per_task": config.cpus_per_task,
+        "mem_gb": config.mem_gb,
+        "slurm_array_parallelism": config.max_parallel,
+    }
+    if config.slurm_partition:
+        params["slurm_partition"] = config.slurm_partition
+    if config.slurm_account:
+        params["slurm_account"] = config.slurm_account
+    if config.gpus_per_task:
+        params["gpus_per_node"] = config.gpus_per_task
+    return params
 
 
 def run_callables(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -131,8 +133,17 @@ class SweepTask:
         original = teacher.state_dict()[name].reshape(-1).numpy()
         result["sse"] = weighted_sse(original, None, qt.codebook.numpy(), qt.indices.reshape(-1).numpy())
         result["seconds"] = round(time.perf_counter() - start, 3)
+        result["ran_on"] = {"host": socket.gethostname(), "scheduler_job_id": scheduler_job_id()}
         atomic_write_json(self.spec.result_path, result)
         return result
+
+
+def scheduler_job_id() -> str | None:
+    """Id of the batch job this process runs in (Slurm, with the array element, or PBS); None outside one."""
+    if "SLURM_JOB_ID" in os.environ:
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
+    return os.environ.get("PBS_JOBID")
 
 
 def collect_results(specs: Sequence[SweepTaskSpec]) -> list[dict]:

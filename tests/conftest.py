@@ -1,5 +1,9 @@
-"""Shared fixtures: a small trained-looking model checkpoint and a tiny unlabelled image folder."""
+"""Shared fixtures: a small trained-looking model checkpoint, a tiny unlabelled image folder, and a real
+single-node Slurm (slurm/start-slurm.sh) for the tests marked ``slurm``."""
 
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,23 @@ requires_fashion = pytest.mark.skipif(
 )
 
 SMALL_KWARGS = {"width": 4, "hidden": 32}
+START_SLURM = Path(__file__).resolve().parents[1] / "slurm" / "start-slurm.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[None]:
+    """A real single-node Slurm with accounting, started (and installed, the first time) by
+    slurm/start-slurm.sh; stopped after the session unless it was already running before."""
+    if os.geteuid() != 0:
+        pytest.skip("starting the single-node Slurm needs root (or start it first: sudo slurm/start-slurm.sh)")
+    status = subprocess.run([str(START_SLURM), "status"], capture_output=True, text=True, check=False)
+    was_running = "slurmctld: running" in status.stdout
+    started = subprocess.run([str(START_SLURM), "start"], capture_output=True, text=True, check=False, timeout=900)
+    if started.returncode != 0:
+        pytest.fail(f"slurm/start-slurm.sh start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
+    yield
+    if not was_running:
+        subprocess.run([str(START_SLURM), "stop"], capture_output=True, check=False, timeout=300)
 
 
 @pytest.fixture

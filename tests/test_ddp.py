@@ -175,3 +175,27 @@ def test_the_entry_point_exits_2_with_the_message_on_a_config_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "hpcq.retrain_job", "--set", f"run_dir={tmp_path / 'none'}"],
                           env=_child_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "quantize first" in done.stderr
+
+
+@pytest.mark.slurm
+def test_slurm_job_with_two_tasks_runs_the_stage_under_srun(tmp_path, slurm_cluster):
+    # A real batch job: sbatch allocates 2 tasks, srun starts one retraining process per task, and the
+    # ranks, world size and rendezvous come from Slurm's variables alone.
+    config, run_dir = make_run_dir(tmp_path, num_workers=0)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(config_to_dict(config)))
+    log = tmp_path / "slurm-%j.out"
+    command = ["sbatch", "--parsable", "--wait", "--job-name=hpcq-retrain", "--partition=debug",
+               f"--ntasks={WORLD_SIZE}", "--cpus-per-task=1", "--time=10", f"--output={log}",
+               f"--chdir={Path(__file__).resolve().parents[1]}",
+               "--wrap", f"srun {sys.executable} -m hpcq.retrain_job {spec} --no-progress"]
+    done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    job_id = done.stdout.strip().split(";")[0]
+    output = Path(str(log).replace("%j", job_id)).read_text() if job_id else ""
+    assert done.returncode == 0, done.stderr[-2000:] + output[-3000:]
+
+    summary = yaml.safe_load((run_dir / "retrain-label_free.json").read_text())
+    assert summary["world_size"] == WORLD_SIZE and summary["launcher"] == "slurm"
+    assert summary["images_seen"] == WORLD_SIZE * config.retrain.batches_per_epoch * config.retrain.batch_size
+    assert load_artifact(run_dir / "label_free.hpcq").header["extra"]["retrain"]["world_size"] == WORLD_SIZE
+    assert "rank1" in output  # both ranks logged into the job's output

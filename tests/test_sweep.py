@@ -1,7 +1,10 @@
-"""The sweep through real submitit executors (debug: in process; local: subprocesses)."""
+"""The sweep through real submitit executors (debug: in process; local: subprocesses; slurm: a job array
+on the single-node Slurm of slurm/start-slurm.sh)."""
 
 import json
 import os
+import subprocess
+import time
 
 import pytest
 import torch
@@ -25,6 +28,23 @@ def test_plan_tasks_skips_k_above_the_layer_size(tmp_path):
     assert tasks[0].result_path.parent == tmp_path / "sweep" / "tasks"
 
 
+def assert_ran_as_one_slurm_array(results):
+    """Every result came from an element of one Slurm job array that accounting shows COMPLETED in the
+    partition asked for."""
+    job_ids = {r["ran_on"]["scheduler_job_id"] for r in results}
+    assert all("_" in job_id for job_id in job_ids), job_ids  # ARRAYID_INDEX
+    (array,) = {job_id.split("_")[0] for job_id in job_ids}
+    for _ in range(60):  # accounting lags the jobs' ends a little: poll
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", array, "-o", "JobID,JobName,Partition,State"],
+                             capture_output=True, text=True, check=True).stdout
+        rows = {fields[0]: fields[1:] for fields in (line.split("|") for line in out.splitlines())}
+        if all(rows.get(job_id, ["", "", ""])[2] == "COMPLETED" for job_id in job_ids):
+            break
+        time.sleep(1)
+    for job_id in job_ids:
+        assert rows[job_id] == ["hpcq-sweep", "debug", "COMPLETED"], rows
+
+
 def three_valued_checkpoint(path):
     """A checkpoint whose first convolution has only 3 distinct weights: k=8 must fail on it."""
     torch.manual_seed(0)
@@ -35,12 +55,16 @@ def three_valued_checkpoint(path):
 
 
 @requires_fashion
-@pytest.mark.parametrize("executor", ["debug", "local"])
-def test_sweep_runs_tasks_records_failures_and_skips_done_ones(tmp_path, image_folder, executor, caplog):
+@pytest.mark.parametrize("executor", ["debug", "local", pytest.param("slurm", marks=pytest.mark.slurm)])
+def test_sweep_runs_tasks_records_failures_and_skips_done_ones(tmp_path, image_folder, executor, request):
+    slurm = {}
+    if executor == "slurm":
+        request.getfixturevalue("slurm_cluster")
+        slurm = {"slurm_partition": "debug", "cpus_per_task": 1, "mem_gb": 1.0}
     checkpoint = three_valued_checkpoint(tmp_path / "three.pt")
     spec = write_spec(tmp_path, checkpoint, image_folder,
                       sweep={"executor": executor, "ks": [2, 8], "layers": "1,6", "eval_images": 500,
-                             "fidelity_images": 8, "max_parallel": 2, "timeout_min": 5},
+                             "fidelity_images": 8, "max_parallel": 2, "timeout_min": 5, **slurm},
                       select={"max_accuracy_drop": 100.0})
     config = load_config(spec)
     run = open_run_dir(config)
@@ -57,6 +81,8 @@ def test_sweep_runs_tasks_records_failures_and_skips_done_ones(tmp_path, image_f
         assert r["layer_bitpacked_bytes"] < r["layer_fp32_bytes"]
     assert "failed" in (run.root / "sweep" / "table.md").read_text()
     assert 0 <= baseline["val"]["top1_pct"] <= 100
+    if executor == "slurm":
+        assert_ran_as_one_slurm_array(ok)
 
     # A second sweep skips the finished tasks and retries only the failed one.
     stamps = {p.name: os.stat(p).st_mtime_ns for p in (run.root / "sweep" / "tasks").glob("*.json")}
