@@ -72,10 +72,16 @@ class DataConfig:
     """Datasets: the labelled one the model was trained for, and the different, unlabelled one.
 
     ``labelled: none`` runs without any label: the sweep and the selection use fidelity to the teacher,
-    and the report has no accuracy.
+    and the report has no accuracy. ``labelled: imagefolder`` evaluates on folders with one subfolder per
+    class (e.g. ImageNet): ``labelled_validation`` for the sweep and the selection, ``labelled_test`` for
+    the report only.
     """
 
-    labelled: Literal["fashion-mnist", "none"] = "fashion-mnist"
+    labelled: Literal["fashion-mnist", "imagefolder", "none"] = "fashion-mnist"
+    labelled_validation: str = ""
+    labelled_test: str = ""
+    labelled_resize: int = 0
+    eval_workers: int = 2
     fashion_mnist_root: str = "/usr/share/datasets/fashion-mnist"
     unlabelled: str = "/usr/share/openclipart/png"
     shard_dir: str | None = None
@@ -92,6 +98,18 @@ class DataConfig:
             raise ConfigError(f"data.mean and data.std need 1 or {self.channels} values each")
         if any(s <= 0 for s in self.std):
             raise ConfigError("data.std values must be > 0")
+        if self.labelled_resize and self.labelled_resize < self.image_size:
+            raise ConfigError(
+                f"data.labelled_resize ({self.labelled_resize}) must be 0 or at least data.image_size "
+                f"({self.image_size}): images are resized to it, then the central image_size crop is taken"
+            )
+        if self.eval_workers < 0:
+            raise ConfigError(f"data.eval_workers must be >= 0, got {self.eval_workers}")
+        if self.labelled == "imagefolder" and not (self.labelled_validation and self.labelled_test):
+            raise ConfigError(
+                "data.labelled imagefolder needs data.labelled_validation (for the sweep and the selection) and "
+                "data.labelled_test (for the report), each a folder with one subfolder per class"
+            )
 
 
 @dataclass(frozen=True)
@@ -237,6 +255,12 @@ class RunConfig:
             if self.retrain.labelled_baseline:
                 raise ConfigError("data.labelled is none: the labelled baseline cannot run; set "
                                   "retrain.labelled_baseline: false")
+            if self.model.kind == "quickstart":
+                raise ConfigError("the quickstart model is trained on Fashion-MNIST: keep data.labelled: fashion-mnist")
+        elif self.data.labelled == "imagefolder":
+            if self.retrain.labelled_baseline:
+                raise ConfigError("the labelled retraining baseline needs data.labelled fashion-mnist for now; with "
+                                  "an image folder set retrain.labelled_baseline: false")
             if self.model.kind == "quickstart":
                 raise ConfigError("the quickstart model is trained on Fashion-MNIST: keep data.labelled: fashion-mnist")
         elif self.select.metric == "accuracy" and self.teacher.validation_size == 0:

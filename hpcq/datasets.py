@@ -33,10 +33,15 @@ def _check_labelled(config: RunConfig) -> None:
 
 
 def validation_batches(config: RunConfig, limit_images: int | None = None) -> Iterable:
-    """Labelled validation batches (held out of teacher training; for the sweep and the selection)."""
+    """Labelled validation batches (held out of teacher training; for the sweep and the selection).
+
+    From an image folder, ``limit_images`` are drawn at random under the run's seed (the same ones every
+    time), so that a class-sorted folder is covered across its classes."""
     from hpcq.teacher import fashion_splits
 
     _check_labelled(config)
+    if config.data.labelled == "imagefolder":
+        return labelled_folder_batches(config, config.data.labelled_validation, limit_images)
     splits = fashion_splits(config.data, config.teacher, config.seed)
     return LimitedBatches(splits.validation, limit_images)
 
@@ -46,7 +51,28 @@ def test_batches(config: RunConfig) -> Iterable:
     from hpcq.teacher import fashion_splits
 
     _check_labelled(config)
+    if config.data.labelled == "imagefolder":
+        return labelled_folder_batches(config, config.data.labelled_test)
     return fashion_splits(config.data, config.teacher, config.seed).test
+
+
+def labelled_folder_batches(config: RunConfig, root: str, limit_images: int | None = None,
+                            num_classes: int | None = None) -> Iterable:
+    """Evaluation batches of a labelled image folder (one subfolder per class) with the run's transform."""
+    from hpcq.data.labelled_folder import LabelledFolderBatches, read_labelled_folder
+
+    d = config.data
+    folder = read_labelled_folder(root, num_classes).subset(limit_images, config.seed)
+    return LabelledFolderBatches(folder, image_size=d.image_size, resize=d.labelled_resize, channels=d.channels,
+                                 mean=d.mean, std=d.std, batch_size=d.eval_batch_size, workers=d.eval_workers)
+
+
+def check_labelled_folders(config: RunConfig, num_classes: int) -> None:
+    """With ``data.labelled: imagefolder``, check now that both folders exist and have one subfolder per
+    model output (DataError otherwise), before any long stage reads them."""
+    if config.data.labelled == "imagefolder":
+        for root in (config.data.labelled_validation, config.data.labelled_test):
+            labelled_folder_batches(config, root, num_classes=num_classes)
 
 
 def labelled_train_batches(config: RunConfig, batch_size: int):

@@ -18,6 +18,7 @@ from torch import nn
 from hpcq.artifact import load_artifact, save_artifact
 from hpcq.config import RunConfig, config_to_dict
 from hpcq.datasets import (  # noqa: F401 - ensure_unlabelled_shards is part of this module's API
+    check_labelled_folders,
     ensure_unlabelled_shards,
     has_labels,
     unlabelled_shard_dir,
@@ -111,12 +112,13 @@ def _check_teacher_fits_data(teacher: nn.Module, config: RunConfig) -> None:
     shape = (1, config.data.channels, config.data.image_size, config.data.image_size)
     try:
         with torch.no_grad():
-            teacher.eval()(torch.zeros(shape))
+            outputs = teacher.eval()(torch.zeros(shape))
     except RuntimeError as exc:
         raise ConfigError(
             f"the model does not accept the data's images of shape {shape[1:]} (data.channels, data.image_size): "
             f"{str(exc).splitlines()[0]}"
         ) from exc
+    check_labelled_folders(config, int(outputs.shape[-1]))
 
 
 def sweep_stage(config: RunConfig, run: RunDir, prepared: Prepared, progress: bool = True) -> tuple[list[dict], dict]:

@@ -27,6 +27,12 @@ TARGET_MAX_GAP_TO_LABELLED_POINTS = 0.5
 MODELS = (("quantized", "quantized.hpcq"), ("label_free", "label_free.hpcq"), ("labelled", "labelled.hpcq"))
 
 
+def _test_set_name(config: RunConfig) -> str:
+    if config.data.labelled == "imagefolder":
+        return f"the labelled test folder {config.data.labelled_test}"
+    return "the Fashion-MNIST test set"
+
+
 def _targets(acc: dict[str, float], size: dict, label_free_labels_used: int | None) -> list[dict]:
     targets = [
         {"name": "bit-packed size reduction >= 81%", "value": round(size["reduction_bitpacked_pct"], 2),
@@ -78,7 +84,8 @@ def build_report(config: RunConfig, run: RunDir, prepared: Any, progress: bool =
     selection_path = run.root / "selection.json"
     report = {
         "seed": config.seed,
-        "note": "single seed, one run; accuracies are top-1 % on the Fashion-MNIST test set (10,000 images)"
+        "note": f"single seed, one run; accuracies are top-1 % on {_test_set_name(config)} "
+        f"({evaluation['teacher']['test']['count']:,} images)"
         if test is not None else "single seed, one run; no labelled data (data.labelled: none): fidelity only",
         "accuracy": acc,
         "size": size,

@@ -92,7 +92,7 @@ def prepare_image(data: bytes | Path, image_size: int, channels: int) -> np.ndar
         raise DataError(f"channels must be 1 (gray) or 3 (RGB), got {channels}")
     name = str(data) if isinstance(data, Path) else f"<{len(data)} bytes>"
     try:
-        image = _decode(data, image_size)
+        image = decode_image(data, image_size)
     except Exception as exc:
         # PIL raises many unrelated types for broken files (OSError, SyntaxError, ValueError, EOFError,
         # struct.error, DecompressionBombError...); all of them mean "this one file is unusable".
@@ -111,8 +111,9 @@ def prepare_image(data: bytes | Path, image_size: int, channels: int) -> np.ndar
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def _decode(data: bytes | Path, image_size: int) -> Image.Image:
-    """Decode an image fully and flatten it (see _flatten): returns L or RGB."""
+def decode_image(data: bytes | Path, image_size: int) -> Image.Image:
+    """Decode an image fully and flatten it (see _flatten): returns L or RGB. ``image_size`` is the side
+    it will be resized to, so that a huge image can be shrunk cheaply first. PIL's errors propagate."""
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     with warnings.catch_warnings():
         # PIL warns about every image above ~90 megapixels (openclipart has a dozen); its hard limit
