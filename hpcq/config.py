@@ -156,7 +156,7 @@ class SweepConfig:
 
     layers: str = "all"
     ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    executor: Literal["debug", "local", "slurm"] = "local"
+    executor: Literal["debug", "local", "slurm", "pbs", "sge"] = "local"
     max_parallel: int = 2
     timeout_min: int = 30
     cpus_per_task: int = 1
@@ -166,6 +166,9 @@ class SweepConfig:
     slurm_partition: str = ""
     slurm_account: str = ""
     gpus_per_task: int = 0
+    qsub_queue: str = ""
+    qsub_project: str = ""
+    qsub_resources: str = ""
 
     def __post_init__(self) -> None:
         _positive(self, "sweep", "max_parallel", "timeout_min", "cpus_per_task", "mem_gb", "eval_images",

@@ -1,4 +1,5 @@
-"""Executors for fan-out stages: submitit's debug (in process), local (subprocesses) and Slurm.
+"""Executors for fan-out stages: submitit's debug (in process), local (subprocesses) and Slurm. PBS and
+Grid Engine arrays, which submitit does not know, are in :mod:`hpcq.qsub`.
 
 Site knowledge (partitions, accounts) belongs in the run spec or a site profile under ``jobs/``, never here.
 """
@@ -36,7 +37,8 @@ def make_executor(config: SweepConfig, folder: Path):
         executor = submitit.AutoExecutor(folder, cluster="slurm")
         executor.update_parameters(**slurm_parameters(config))
         return executor
-    raise ConfigError(f"sweep.executor {config.executor!r} is not one of debug, local, slurm")
+    raise ConfigError(f"sweep.executor {config.executor!r} is not one of debug, local, slurm (pbs and sge run "
+                      "through hpcq.qsub)")
 
 
 def slurm_parameters(config: SweepConfig) -> dict[str, Any]:

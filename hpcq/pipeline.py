@@ -124,6 +124,8 @@ def _check_teacher_fits_data(teacher: nn.Module, config: RunConfig) -> None:
 def sweep_stage(config: RunConfig, run: RunDir, prepared: Prepared, progress: bool = True) -> tuple[list[dict], dict]:
     """Run every (layer, k) task not done yet through the configured executor; return results and baseline."""
     from hpcq.launch import make_executor, run_callables
+    from hpcq.qsub import DIALECTS as QSUB_DIALECTS
+    from hpcq.qsub import run_array
 
     sweep_dir = run.root / "sweep"
     baseline_path = sweep_dir / "baseline.json"
@@ -138,7 +140,9 @@ def sweep_stage(config: RunConfig, run: RunDir, prepared: Prepared, progress: bo
     todo = [s for s in specs if not is_done(s)]
     log.info("sweep: %d tasks, %d already done, %d to run on the %s executor", len(specs), len(specs) - len(todo),
              len(todo), config.sweep.executor)
-    if todo:
+    if todo and config.sweep.executor in QSUB_DIALECTS:
+        run_array(config.sweep, todo, sweep_dir / "qsub", progress)
+    elif todo:
         executor = make_executor(config.sweep, sweep_dir / "logs")
         run_callables(executor, [SweepTask(s) for s in todo], config.sweep.max_parallel,
                       on_error=lambda i, exc: record_failure(todo[i], f"{type(exc).__name__}: {exc}"),

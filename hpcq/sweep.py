@@ -139,11 +139,18 @@ class SweepTask:
 
 
 def scheduler_job_id() -> str | None:
-    """Id of the batch job this process runs in (Slurm, with the array element, or PBS); None outside one."""
-    if "SLURM_JOB_ID" in os.environ:
-        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
-    return os.environ.get("PBS_JOBID")
+    """Id of the batch job this process runs in (Slurm ``ARRAY_INDEX``, PBS ``ID[INDEX].server``, Grid
+    Engine ``ID.TASK``); None outside one."""
+    env = os.environ
+    if "SLURM_JOB_ID" in env:
+        array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+        return f"{array}_{task}" if array and task else env["SLURM_JOB_ID"]
+    if "PBS_JOBID" in env:
+        return env["PBS_JOBID"]
+    if "JOB_ID" in env and "SGE_TASK_ID" in env:
+        task = env["SGE_TASK_ID"]
+        return env["JOB_ID"] if task == "undefined" else f"{env['JOB_ID']}.{task}"
+    return None
 
 
 def collect_results(specs: Sequence[SweepTaskSpec]) -> list[dict]:

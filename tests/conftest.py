@@ -3,7 +3,7 @@ single-node Slurm (slurm/start-slurm.sh) for the tests marked ``slurm``."""
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +23,34 @@ requires_fashion = pytest.mark.skipif(
 
 SMALL_KWARGS = {"width": 4, "hidden": 32}
 START_SLURM = Path(__file__).resolve().parents[1] / "slurm" / "start-slurm.sh"
+START_SGE = Path(__file__).resolve().parents[1] / "slurm" / "start-sge.sh"
+
+
+def _scheduler_for_the_session(script: Path, name: str, running: Callable[[str], bool]) -> Iterator[None]:
+    """Start a real single-node scheduler with ``script`` (installing it the first time) unless it already
+    runs; stop it afterwards only if this session started it."""
+    if os.geteuid() != 0:
+        pytest.skip(f"starting the single-node {name} needs root (or start it first: sudo {script} start)")
+    status = subprocess.run([str(script), "status"], capture_output=True, text=True, check=False)
+    was_running = running(status.stdout)
+    started = subprocess.run([str(script), "start"], capture_output=True, text=True, check=False, timeout=900)
+    if started.returncode != 0:
+        pytest.fail(f"{script} start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
+    yield
+    if not was_running:
+        subprocess.run([str(script), "stop"], capture_output=True, check=False, timeout=300)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[None]:
-    """A real single-node Slurm with accounting, started (and installed, the first time) by
-    slurm/start-slurm.sh; stopped after the session unless it was already running before."""
-    if os.geteuid() != 0:
-        pytest.skip("starting the single-node Slurm needs root (or start it first: sudo slurm/start-slurm.sh)")
-    status = subprocess.run([str(START_SLURM), "status"], capture_output=True, text=True, check=False)
-    was_running = "slurmctld: running" in status.stdout
-    started = subprocess.run([str(START_SLURM), "start"], capture_output=True, text=True, check=False, timeout=900)
-    if started.returncode != 0:
-        pytest.fail(f"slurm/start-slurm.sh start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
-    yield
-    if not was_running:
-        subprocess.run([str(START_SLURM), "stop"], capture_output=True, check=False, timeout=300)
+    """A real single-node Slurm with accounting (slurm/start-slurm.sh)."""
+    yield from _scheduler_for_the_session(START_SLURM, "Slurm", lambda status: "slurmctld: running" in status)
+
+
+@pytest.fixture(scope="session")
+def sge_cluster() -> Iterator[None]:
+    """A real single-node Grid Engine: qsub, qstat, qacct (slurm/start-sge.sh)."""
+    yield from _scheduler_for_the_session(START_SGE, "Grid Engine", lambda status: status.startswith("qmaster"))
 
 
 @pytest.fixture

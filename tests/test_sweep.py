@@ -55,12 +55,16 @@ def three_valued_checkpoint(path):
 
 
 @requires_fashion
-@pytest.mark.parametrize("executor", ["debug", "local", pytest.param("slurm", marks=pytest.mark.slurm)])
+@pytest.mark.parametrize("executor", ["debug", "local", pytest.param("slurm", marks=pytest.mark.slurm),
+                                      pytest.param("sge", marks=pytest.mark.sge)])
 def test_sweep_runs_tasks_records_failures_and_skips_done_ones(tmp_path, image_folder, executor, request):
     slurm = {}
     if executor == "slurm":
         request.getfixturevalue("slurm_cluster")
         slurm = {"slurm_partition": "debug", "cpus_per_task": 1, "mem_gb": 1.0}
+    if executor == "sge":
+        request.getfixturevalue("sge_cluster")
+        slurm = {"qsub_queue": "all.q"}
     checkpoint = three_valued_checkpoint(tmp_path / "three.pt")
     spec = write_spec(tmp_path, checkpoint, image_folder,
                       sweep={"executor": executor, "ks": [2, 8], "layers": "1,6", "eval_images": 500,
@@ -83,6 +87,9 @@ def test_sweep_runs_tasks_records_failures_and_skips_done_ones(tmp_path, image_f
     assert 0 <= baseline["val"]["top1_pct"] <= 100
     if executor == "slurm":
         assert_ran_as_one_slurm_array(ok)
+    if executor == "sge":  # elements of one Grid Engine array job: JOB_ID.TASK
+        assert len({r["ran_on"]["scheduler_job_id"].split(".")[0] for r in ok}) == 1
+        assert {r["ran_on"]["scheduler_job_id"].split(".")[1] for r in ok} <= {"1", "2", "3", "4"}
 
     # A second sweep skips the finished tasks and retries only the failed one.
     stamps = {p.name: os.stat(p).st_mtime_ns for p in (run.root / "sweep" / "tasks").glob("*.json")}
