@@ -180,15 +180,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Top-1/top-5 on the Fashion-MNIST test set of a model or artifact."""
+    """Top-1/top-5 of a model or artifact on the spec's labelled test set (Fashion-MNIST or image folder)."""
+    from hpcq.datasets import test_batches
     from hpcq.evaluate import accuracy
     from hpcq.models import load_model, parse_model_source
-    from hpcq.teacher import fashion_splits
 
     config = _load(args)
     model = load_model(parse_model_source(args.model))
-    splits = fashion_splits(config.data, config.teacher, config.seed)
-    sys.stdout.write(json.dumps(accuracy(model, splits.test, progress=True).to_dict(), indent=2) + "\n")
+    sys.stdout.write(json.dumps(accuracy(model, test_batches(config), progress=True).to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -247,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output file (.hpcq)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="accuracy of a model or .hpcq file on the Fashion-MNIST test set")
+    p = sub.add_parser("evaluate", help="accuracy of a model or .hpcq file on the spec's labelled test set")
     p.add_argument("model", help="as for `hpcq layers`")
     _add_spec_args(p)
     p.set_defaults(func=cmd_evaluate)

@@ -85,7 +85,12 @@ def run_callables(
         bar.update(1)
 
     if getattr(executor, "cluster", None) == "slurm":
-        jobs = executor.submit_array(list(callables))
+        import submitit
+
+        # Submitted from inside a Slurm job (slurm/quantize.sbatch), sbatch would inherit that job's SLURM_*
+        # variables, e.g. a --mem-per-cpu that clashes with the array's --mem.
+        with submitit.helpers.clean_env():
+            jobs = executor.submit_array(list(callables))
         for index, job in enumerate(jobs):
             collect(index, job)
     else:

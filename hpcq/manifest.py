@@ -9,8 +9,9 @@ The order is the order in which the layers first run on an example input (forwar
 that registers modules in another order than it calls them is still numbered as it runs. Without an
 example input, registration order is used.
 
-A layer whose weight is the very tensor of an earlier layer's weight (tied weights) keeps its number but
-is marked ``tied_to`` that layer: its weights are stored, counted and quantized once, with the earlier one.
+A layer whose weight is the very tensor of another module's weight (tied weights) keeps its number but
+is marked ``tied_to`` the module that owns it (the first one ``named_parameters()`` reaches it from): the
+shared tensor is stored, counted, swept and quantized once.
 """
 
 from __future__ import annotations
@@ -82,14 +83,18 @@ def build_manifest(model: nn.Module, example_input: torch.Tensor | None = None) 
         # Layers that never ran on the example keep their registration order, after the ones that did.
         names = ran + [n for n in names if n not in ran]
     total = sum(p.numel() for p in model.parameters()) or 1  # parameters() lists a tied tensor once
-    owner_of_weight: dict[int, str] = {}
+    # A shared tensor belongs to the first module named_parameters() reaches it from (registration order,
+    # as state_dict() and quantize_ see it), which may come later in forward order, or not be a layer here.
+    owner_of: dict[int, str] = {}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        owner_of.setdefault(id(param), param_name.rsplit(".", 1)[0] if "." in param_name else param_name)
     rows = []
     for number, name in enumerate(names, start=1):
         module = modules[name]
         weight_count = module.weight.numel()
         bias_count = module.bias.numel() if module.bias is not None else 0
-        tied_to = owner_of_weight.setdefault(id(module.weight), name)
-        tied_to = "" if tied_to == name else tied_to
+        owner = owner_of.get(id(module.weight), name)
+        tied_to = "" if owner == name else owner
         # A tied layer's weights are already counted with their owner.
         counted = (0 if tied_to else weight_count) + bias_count
         rows.append(
@@ -104,6 +109,18 @@ def build_manifest(model: nn.Module, example_input: torch.Tensor | None = None) 
             )
         )
     return rows
+
+
+def shared_weight_layers(manifest: Sequence[LayerInfo]) -> dict[str, str]:
+    """Every layer -> the layer that stands for its weight tensor: itself, or for tied weights the owner
+    when the owner is a layer here, else the first layer (in manifest order) tied to that owner."""
+    names = {row.name for row in manifest}
+    first_of_owner: dict[str, str] = {}
+    for row in manifest:
+        if row.tied_to and row.tied_to not in names:
+            first_of_owner.setdefault(row.tied_to, row.name)
+    return {row.name: (row.tied_to and (row.tied_to if row.tied_to in names else first_of_owner[row.tied_to]))
+            or row.name for row in manifest}
 
 
 _RANGE = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from hpcq.config import KMeansConfig, QuantizeConfig
 from hpcq.errors import ConfigError, QuantizationError
 from hpcq.kmeans import fit_codebook
-from hpcq.manifest import LayerInfo, select_layers
+from hpcq.manifest import LayerInfo, select_layers, shared_weight_layers
 from hpcq.qtensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -43,32 +43,18 @@ class Plan:
 
 
 def _resolve(manifest: Sequence[LayerInfo], rules: Mapping, with_bias: bool) -> dict[str, int]:
+    # Tied weights: every layer sharing one weight tensor stands for it under one name, so a later rule
+    # that names any of them overrides earlier ones for the shared tensor.
+    stands_for = {row.name: row.name for row in manifest} if with_bias else shared_weight_layers(manifest)
     chosen: dict[str, int] = {}
     for selector, k in rules.items():
         rows = select_layers(manifest, str(selector))
         for row in rows:
             if with_bias and row.bias_count == 0:
                 continue
-            chosen[row.name] = int(k)
-    if not with_bias:
-        chosen = _tied_weights_to_owners(manifest, chosen)
+            chosen[stands_for[row.name]] = int(k)
     order = {row.name: row.number for row in manifest}
     return dict(sorted(chosen.items(), key=lambda item: order[item[0]]))
-
-
-def _tied_weights_to_owners(manifest: Sequence[LayerInfo], chosen: dict[str, int]) -> dict[str, int]:
-    """A layer whose weight is tied to an earlier layer's is quantized as that layer (once)."""
-    tied_to = {row.name: row.tied_to for row in manifest if row.tied_to}
-    owners: dict[str, int] = {}
-    for name, k in chosen.items():
-        owner = tied_to.get(name, name)
-        if owners.setdefault(owner, k) != k:
-            sharing = sorted(n for n in chosen if tied_to.get(n, n) == owner)
-            raise ConfigError(
-                f"layers {', '.join(sharing)} share one weight tensor (tied weights) but the plan gives them "
-                f"different numbers of centroids; give them the same k"
-            )
-    return owners
 
 
 def resolve_plan(manifest: Sequence[LayerInfo], config: QuantizeConfig) -> Plan:

@@ -27,6 +27,11 @@ TARGET_MAX_GAP_TO_LABELLED_POINTS = 0.5
 MODELS = (("quantized", "quantized.hpcq"), ("label_free", "label_free.hpcq"), ("labelled", "labelled.hpcq"))
 
 
+def _skipped(test: Any) -> str:
+    bad = getattr(test, "bad_images", 0)
+    return f"; {bad:,} undecodable images skipped" if bad else ""
+
+
 def _test_set_name(config: RunConfig) -> str:
     if config.data.labelled == "imagefolder":
         return f"the labelled test folder {config.data.labelled_test}"
@@ -85,7 +90,7 @@ def build_report(config: RunConfig, run: RunDir, prepared: Any, progress: bool =
     report = {
         "seed": config.seed,
         "note": f"single seed, one run; accuracies are top-1 % on {_test_set_name(config)} "
-        f"({evaluation['teacher']['test']['count']:,} images)"
+        f"({evaluation['teacher']['test']['count']:,} images{_skipped(test)})"
         if test is not None else "single seed, one run; no labelled data (data.labelled: none): fidelity only",
         "accuracy": acc,
         "size": size,

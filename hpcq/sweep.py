@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hpcq.config import SweepConfig
 from hpcq.fileio import atomic_write_json
-from hpcq.manifest import LayerInfo, select_layers
+from hpcq.manifest import LayerInfo, select_layers, shared_weight_layers
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,10 @@ class SweepTaskSpec:
 
 def plan_tasks(run_dir: Path, manifest: Sequence[LayerInfo], config: SweepConfig) -> list[SweepTaskSpec]:
     """All (layer, k) tasks of the sweep; k above a layer's number of weights is left out (it cannot fit),
-    and a layer whose weight is tied to an earlier layer's is swept as that layer."""
-    by_name = {row.name: row for row in manifest}
-    owners = {by_name[row.tied_to or row.name].number for row in select_layers(manifest, config.layers)}
-    rows = [row for row in manifest if row.number in owners]
+    and layers sharing one weight tensor (tied weights) are swept once, as the layer that stands for it."""
+    stands_for = shared_weight_layers(manifest)
+    wanted = {stands_for[row.name] for row in select_layers(manifest, config.layers)}
+    rows = [row for row in manifest if row.name in wanted]
     return [
         SweepTaskSpec(str(run_dir), row.name, row.number, k)
         for row in rows
@@ -118,7 +118,7 @@ class SweepTask:
         teacher = load_model(source["model_source"])
         student = load_model(source["model_source"])
         quantized = quantize_(student, Plan(weights={self.spec.layer: self.spec.k}), config.kmeans, progress=False)
-        name = f"{self.spec.layer}.weight"
+        (name,) = quantized  # the shared tensor's own name when the layer's weight is tied to another's
         (row,) = per_tensor_sizes(student.state_dict(), quantized, include_unquantized=False)
         result = {**asdict(self.spec), "status": "ok"}
         if source.get("has_labels", True):

@@ -29,16 +29,18 @@ START_SGE = Path(__file__).resolve().parents[1] / "slurm" / "start-sge.sh"
 def _scheduler_for_the_session(script: Path, name: str, running: Callable[[str], bool]) -> Iterator[None]:
     """Start a real single-node scheduler with ``script`` (installing it the first time) unless it already
     runs; stop it afterwards only if this session started it."""
-    if os.geteuid() != 0:
-        pytest.skip(f"starting the single-node {name} needs root (or start it first: sudo {script} start)")
     status = subprocess.run([str(script), "status"], capture_output=True, text=True, check=False)
     was_running = running(status.stdout)
+    if was_running:
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip(f"starting the single-node {name} needs root (or start it first: sudo {script} start)")
     started = subprocess.run([str(script), "start"], capture_output=True, text=True, check=False, timeout=900)
     if started.returncode != 0:
         pytest.fail(f"{script} start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
     yield
-    if not was_running:
-        subprocess.run([str(script), "stop"], capture_output=True, check=False, timeout=300)
+    subprocess.run([str(script), "stop"], capture_output=True, check=False, timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -203,3 +203,21 @@ def test_result_does_not_depend_on_the_number_of_threads():
         torch.set_num_threads(before)
     assert np.array_equal(one.centroids, two.centroids) and one.sse == two.sse
     assert np.array_equal(one.assignments, two.assignments)
+
+
+def test_far_outliers_get_their_own_centroids_and_the_bulk_stays_near_optimal():
+    # Two far outliers crowd the uniform grid into a few hundred bins; the robust grid spans the bulk.
+    values = np.random.default_rng(11).standard_normal(100_000).astype(np.float32)
+    values[:2] = (1000.0, -300.0)
+    for k in (16, 128):
+        assert exact.histogram(values, None, exact.DEFAULT_BINS).stats.size < exact.coarse_cells(k)
+        fit = fit_codebook(values, k)
+        assert {1000.0, -300.0} <= set(fit.centroids.tolist())
+        optimum = exact.true_optimum(values, k)
+        assert optimum <= fit.sse * (1 + 1e-9) and fit.sse <= optimum * 1.001
+        assert fit.sse == pytest.approx(weighted_sse(values, None, fit.centroids, fit.assignments), rel=1e-6)
+
+
+def test_too_few_bins_for_k_is_refused():
+    with pytest.raises(QuantizationError, match="kmeans.bins=16 is too few for k=256"):
+        fit_codebook(np.random.default_rng(0).standard_normal(1000).astype(np.float32), 256, bins=16)

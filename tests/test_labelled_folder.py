@@ -117,9 +117,10 @@ def test_config_errors_for_image_folders(tmp_path, small_checkpoint, image_folde
 
 
 @requires_fashion
-def test_a_run_sweeps_selects_and_reports_on_image_folders(tmp_path, small_checkpoint, image_folder):
+def test_a_run_sweeps_selects_and_reports_on_image_folders(tmp_path, small_checkpoint, image_folder, capsys):
     validation, _, _ = fashion_folder(tmp_path / "val", 0, 200)
     test, _, _ = fashion_folder(tmp_path / "test", 200, 150)
+    (test / "class_03" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ncut short")
     spec = write_spec(
         tmp_path, small_checkpoint, image_folder,
         data={"labelled": "imagefolder", "labelled_validation": str(validation), "labelled_test": str(test),
@@ -136,5 +137,10 @@ def test_a_run_sweeps_selects_and_reports_on_image_folders(tmp_path, small_check
     assert sum(labels.numel() for _, labels in validation_batches(config, 120)) == 120
     report = json.loads((run / "report.json").read_text())
     assert report["evaluation"]["teacher"]["test"]["count"] == 150
-    assert "labelled test folder" in report["note"] and "150 images" in report["note"]
+    assert "labelled test folder" in report["note"] and "150 images; 1 undecodable images skipped" in report["note"]
     assert set(report["accuracy"]) == {"teacher", "quantized", "label_free"}
+    # `hpcq evaluate` uses the same test folder.
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "label_free.hpcq"), str(spec)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["count"] == 150 and evaluated["top1_pct"] == report["accuracy"]["label_free"]

@@ -100,8 +100,19 @@ def test_a_failed_step_cancels_the_rest_and_keeps_what_was_done(tmp_path, small_
     assert (tmp_path / "run" / "quantized.hpcq").is_file()  # the quantize step's work stays
 
 
-def test_submit_pipeline_refuses_a_missing_spec(tmp_path):
+def test_submit_pipeline_refuses_a_missing_or_invalid_spec_before_submitting(tmp_path):
     done = subprocess.run([str(SUBMIT), str(tmp_path / "none.yaml")], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "no run spec" in done.stderr
     done = subprocess.run([str(SUBMIT)], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "usage" in done.stderr
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("retrain: {epochz: 1}\n")
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["/bin/bash", str(SUBMIT), str(spec)], env=env, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 2 and "invalid run spec" in done.stderr and "retrain.epochz" in done.stderr
+    assert done.stdout == ""  # no job id: nothing was submitted
+    spec.write_text("retrain: {epochs: 1}\n")
+    done = subprocess.run(["/bin/bash", str(SUBMIT), str(spec), "--set", "retrain.epochs=0"], env=env,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "retrain.epochs must be > 0" in done.stderr

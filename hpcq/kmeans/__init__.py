@@ -100,6 +100,8 @@ def fit_codebook(
     """
     if method not in METHODS:
         raise QuantizationError(f"unknown k-means method {method!r}; choose one of {METHODS}")
+    if bins and bins < 4 * k:
+        raise QuantizationError(f"kmeans.bins={bins} is too few for k={k}: use 0 (automatic) or at least {4 * k}")
     x = _as_numpy(values)
     w = None if sample_weight is None else _as_numpy(sample_weight)
     value_range = _check_inputs(x, k, w)
@@ -120,9 +122,14 @@ def fit_codebook(
 def _fit_exact(
     x: np.ndarray, k: int, w: np.ndarray | None, bins: int, value_range: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    binned = exact.distinct_values(x, w) if x.size <= bins else exact.histogram(x, w, bins, value_range)
-    if binned.stats.size < k and x.size > bins:  # values crowd into few bins: one bin per distinct value
+    if x.size <= bins:
         binned = exact.distinct_values(x, w)
+    else:
+        binned = exact.histogram(x, w, bins, value_range)
+        if binned.stats.size < exact.coarse_cells(k):  # crowded (a far outlier): bins where the values are
+            binned = exact.robust_histogram(x, w, bins, value_range)
+        if binned.stats.size < k:  # so many ties that there are few distinct values: one bin for each
+            binned = exact.distinct_values(x, w)
     if binned.stats.size < k:
         raise QuantizationError(
             f"k={k} is more centroids than the {binned.stats.size} distinct values with non-zero weight"

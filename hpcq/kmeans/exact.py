@@ -41,6 +41,14 @@ MAX_BAND_ROUNDS = 32
 MAX_LLOYD_ITERATIONS = 1000
 VALUES_PER_CHUNK = 1 << 20
 MAX_CHUNKS = 8
+# Values sampled (evenly strided) to place quantile bins.
+QUANTILE_SAMPLE = 1 << 20
+# A robust grid spans the median -/+ ROBUST_SPREAD times its distance to the ROBUST_TAIL quantiles.
+ROBUST_SPREAD = 4.0
+# Bins on each side of it, for the outliers.
+OUTER_BINS = 4096
+# Weight beyond which, at either end, bins count as outliers for the coarse grid of crowded values.
+ROBUST_TAIL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -66,15 +74,15 @@ class BinStats:
 class Binned:
     """Values reduced to bins: the non-empty bins' statistics and how to map every value to its bin.
 
-    Either a uniform histogram (``lo``, ``scale``, ``raw_bins``; ``occupied[r]`` is the raw bin of
-    non-empty bin r) or one bin per distinct value (``inverse`` maps every value to its bin).
+    Either a histogram (``occupied[r]`` is the raw bin of non-empty bin r) on a piecewise uniform
+    ``grid`` (see ``kernels._bin_of``), or one bin per distinct value (``inverse`` maps every value to its
+    bin).
     """
 
     stats: BinStats
     occupied: np.ndarray
     raw_bins: int
-    lo: float = 0.0
-    scale: float = 0.0
+    grid: np.ndarray | None = None
     raw_centres: np.ndarray | None = None
     inverse: np.ndarray | None = None
 
@@ -87,7 +95,7 @@ class Binned:
         if self.inverse is not None:
             return table[self.inverse]
         with numba_threads():
-            return kernels.lookup_bins(values, self.lo, self.scale, table, chunks_for(values.size))
+            return kernels.lookup_bins(values, self.grid, table, chunks_for(values.size))
 
 
 @contextlib.contextmanager
@@ -117,13 +125,51 @@ def histogram(
     """Uniform-width histogram of ``values`` (float32, contiguous) with exact per-bin statistics.
     ``value_range``: (min, max) of the values when the caller already has them."""
     lo, hi = value_range or (float(values.min()), float(values.max()))
-    scale = (bins - 1e-3) / (hi - lo) if hi > lo else 0.0
+    return _binned_histogram(values, sample_weight, _grid(lo, lo, hi, hi, 0, bins))
+
+
+def robust_histogram(values: np.ndarray, sample_weight: np.ndarray | None, bins: int,
+                     value_range: tuple[float, float] | None = None) -> Binned:
+    """Histogram for values that crowd into a few uniform bins because far outliers stretch the range:
+    ``bins`` uniform bins over the bulk (the median -/+ ROBUST_SPREAD times its distance to the ROBUST_TAIL
+    quantiles of an evenly strided sample), OUTER_BINS more on each side of it for the outliers."""
+    lo, hi = value_range or (float(values.min()), float(values.max()))
+    sample = values[:: max(1, values.size // QUANTILE_SAMPLE)].astype(np.float64)
+    ranks = [int(ROBUST_TAIL * (sample.size - 1)), sample.size // 2, int((1 - ROBUST_TAIL) * (sample.size - 1))]
+    low_q, median, high_q = np.partition(sample, ranks)[ranks]
+    a = max(lo, median - ROBUST_SPREAD * (median - low_q))
+    b = min(hi, median + ROBUST_SPREAD * (high_q - median))
+    if not a < b:  # the bulk is one value: the outliers decide
+        a, b = lo, hi
+    return _binned_histogram(values, sample_weight, _grid(lo, a, b, hi, OUTER_BINS, bins))
+
+
+def _grid(lowest: float, a: float, b: float, highest: float, outer_bins: int, mid_bins: int) -> np.ndarray:
+    """The piecewise uniform grid of ``kernels._bin_of``."""
+    def scale(start: float, stop: float, count: int) -> float:
+        return (count - 1e-3) / (stop - start) if stop > start else 0.0
+
+    return np.array([lowest, a, b, scale(lowest, a, outer_bins), scale(a, b, mid_bins), scale(b, highest, outer_bins),
+                     outer_bins, mid_bins], dtype=np.float64)
+
+
+def _grid_centres(grid: np.ndarray) -> np.ndarray:
+    lowest, a, b, low_scale, mid_scale, high_scale, outer, mid = grid
+    outer, mid = int(outer), int(mid)
+
+    def centres(start: float, scale: float, count: int) -> np.ndarray:
+        return start + (np.arange(count) + 0.5) / scale if scale else np.full(count, start)
+
+    return np.concatenate([centres(lowest, low_scale, outer), centres(a, mid_scale, mid), centres(b, high_scale, outer)])
+
+
+def _binned_histogram(values: np.ndarray, sample_weight: np.ndarray | None, grid: np.ndarray) -> Binned:
+    bins = 2 * int(grid[6]) + int(grid[7])
     with numba_threads():
-        table = kernels.bin_statistics(values, sample_weight, lo, scale, bins, chunks_for(values.size))
+        table = kernels.bin_statistics(values, sample_weight, grid, bins, chunks_for(values.size))
     occupied = np.flatnonzero(table[:, 0] > 0)
     stats = BinStats(*(np.ascontiguousarray(table[occupied, column]) for column in range(3)))
-    centres = lo + (np.arange(bins) + 0.5) / scale if scale else np.full(bins, lo)
-    return Binned(stats, occupied, bins, lo, scale, raw_centres=centres)
+    return Binned(stats, occupied, bins, grid=grid, raw_centres=_grid_centres(grid))
 
 
 def distinct_values(values: np.ndarray, sample_weight: np.ndarray | None) -> Binned:
@@ -187,10 +233,12 @@ def near_optimal_groups(stats: BinStats, k: int) -> np.ndarray:
     m = stats.size
     cells = coarse_cells(k)
     prefix = Prefix(stats)
-    edges = _cell_edges(stats.means, cells) if m > cells else None
-    if edges is None or edges.size - 1 < 2 * k:  # few bins, or values crowded into few cells
+    if m <= cells:
         bounds = optimal_groups(stats, k)
     else:
+        edges = _cell_edges(stats.means, cells)
+        if edges.size - 1 < 2 * k:  # crowded by far outliers: the grid over where the mass is
+            edges = _robust_cell_edges(stats, cells)
         coarse = _dp(prefix.p0[edges], prefix.p1[edges], prefix.p2[edges], k)
         bounds = _refine_in_bands(prefix, edges, edges[coarse])
     bin_means = stats.means - prefix.shift
@@ -202,6 +250,21 @@ def _cell_edges(bin_means: np.ndarray, cells: int) -> np.ndarray:
     lo, hi = float(bin_means[0]), float(bin_means[-1])
     cell = np.minimum(((bin_means - lo) * (cells / (hi - lo))).astype(np.int64), cells - 1)
     return np.concatenate([[0], np.flatnonzero(np.diff(cell)) + 1, [bin_means.size]])
+
+
+def _robust_cell_edges(stats: BinStats, cells: int) -> np.ndarray:
+    """Cell edges of a uniform grid between the bin means at weight quantiles TAIL and 1 - TAIL, with
+    each bin outside that range a cell of its own (so far outliers neither stretch the grid nor share a
+    cell with the bulk)."""
+    means = stats.means
+    mass = np.cumsum(stats.weight) / stats.weight.sum()
+    lo = means[min(means.size - 1, int(np.searchsorted(mass, ROBUST_TAIL)))]
+    hi = means[min(means.size - 1, int(np.searchsorted(mass, 1 - ROBUST_TAIL)))]
+    position = (means - lo) * (cells / (hi - lo)) if hi > lo else np.zeros_like(means)
+    index = np.arange(means.size)
+    cell = np.where(position < 0, index - means.size, np.where(position >= cells, cells + index,
+                                                               np.floor(position)))
+    return np.concatenate([[0], np.flatnonzero(np.diff(cell)) + 1, [means.size]])
 
 
 def _refine_in_bands(prefix: Prefix, edges: np.ndarray, bounds: np.ndarray) -> np.ndarray:

@@ -17,20 +17,23 @@ _STACK_DEPTH = 64
 
 
 @numba.njit(cache=True, inline="always")
-def _bin_of(x: float, lo: float, scale: float, bins: int) -> int:
-    b = int((x - lo) * scale)
-    if b > bins - 1:
-        return bins - 1
-    if b < 0:
-        return 0
-    return b
+def _bin_of(x, grid):  # noqa: ANN001, ANN202
+    """The bin of x on a piecewise uniform grid ``(lowest, a, b, low_scale, mid_scale, high_scale,
+    outer_bins, mid_bins)``: ``outer_bins`` bins over [lowest, a), ``mid_bins`` over [a, b], ``outer_bins``
+    above b; with a = lowest and b = the largest value it is one uniform grid."""
+    lowest, a, b = grid[0], grid[1], grid[2]
+    outer, mid = int(grid[6]), int(grid[7])
+    if x < a:
+        return min(max(int((x - lowest) * grid[3]), 0), outer - 1)
+    if x > b:
+        return outer + mid + min(max(int((x - b) * grid[5]), 0), outer - 1)
+    return outer + min(max(int((x - a) * grid[4]), 0), mid - 1)
 
 
 @numba.njit(cache=True, parallel=True)
-def bin_statistics(values, sample_weight, lo, scale, bins, chunks):  # noqa: ANN001, ANN201
-    """(bins, 3) float64: weighted count, sum and sum of squares of the values in each uniform bin.
-
-    Bin of x: ``int((x - lo) * scale)`` clamped to [0, bins). ``sample_weight`` may be None. The values
+def bin_statistics(values, sample_weight, grid, bins, chunks):  # noqa: ANN001, ANN201
+    """(bins, 3) float64: weighted count, sum and sum of squares of the values in each bin of ``grid``
+    (see ``_bin_of``; bins = 2 * outer_bins + mid_bins). ``sample_weight`` may be None. The values
     are split into ``chunks`` fixed parts, each summed separately and then added in order, so the result
     does not depend on the number of threads.
     """
@@ -40,7 +43,7 @@ def bin_statistics(values, sample_weight, lo, scale, bins, chunks):  # noqa: ANN
         part = parts[c]
         for i in range(c * n // chunks, (c + 1) * n // chunks):
             x = np.float64(values[i])
-            b = _bin_of(x, lo, scale, bins)
+            b = _bin_of(x, grid)
             if sample_weight is None:
                 part[b, 0] += 1.0
                 part[b, 1] += x
@@ -57,14 +60,13 @@ def bin_statistics(values, sample_weight, lo, scale, bins, chunks):  # noqa: ANN
 
 
 @numba.njit(cache=True, parallel=True)
-def lookup_bins(values, lo, scale, table, chunks):  # noqa: ANN001, ANN201
+def lookup_bins(values, grid, table, chunks):  # noqa: ANN001, ANN201
     """``table[bin of x]`` for every value x, with the bins of ``bin_statistics`` (len(table) bins)."""
     n = values.size
-    bins = table.size
     out = np.empty(n, dtype=table.dtype)
     for c in numba.prange(chunks):
         for i in range(c * n // chunks, (c + 1) * n // chunks):
-            out[i] = table[_bin_of(np.float64(values[i]), lo, scale, bins)]
+            out[i] = table[_bin_of(np.float64(values[i]), grid)]
     return out
 
 
