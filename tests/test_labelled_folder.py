@@ -144,3 +144,16 @@ def test_a_run_sweeps_selects_and_reports_on_image_folders(tmp_path, small_check
     assert main(["evaluate", str(run / "label_free.hpcq"), str(spec)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["count"] == 150 and evaluated["top1_pct"] == report["accuracy"]["label_free"]
+
+
+@pytest.mark.parametrize("size", [(300, 451), (517, 333), (256, 256), (241, 260)])
+def test_transform_matches_torchvisions_resize_and_centre_crop(tmp_path, size):
+    from torchvision import transforms
+
+    pixels = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels, "RGB").save(path)
+    reference = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(200)])
+    with Image.open(path) as image:
+        expected = np.asarray(reference(image.convert("RGB")))
+    assert np.array_equal(evaluation_image(path, image_size=200, resize=224, channels=3), expected)

@@ -111,9 +111,10 @@ def prepare_image(data: bytes | Path, image_size: int, channels: int) -> np.ndar
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def decode_image(data: bytes | Path, image_size: int) -> Image.Image:
-    """Decode an image fully and flatten it (see _flatten): returns L or RGB. ``image_size`` is the side
-    it will be resized to, so that a huge image can be shrunk cheaply first. PIL's errors propagate."""
+def decode_image(data: bytes | Path, image_size: int, fit: str = "long") -> Image.Image:
+    """Decode an image fully and flatten it (see _flatten): returns L or RGB. ``image_size`` is what its
+    ``fit`` side ("long" or "short") will be resized to, so that a huge image can be shrunk cheaply first,
+    keeping 4x oversampling on that side. PIL's errors propagate."""
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     with warnings.catch_warnings():
         # PIL warns about every image above ~90 megapixels (openclipart has a dozen); its hard limit
@@ -123,13 +124,13 @@ def decode_image(data: bytes | Path, image_size: int) -> Image.Image:
         with Image.open(source) as opened:
             # load() forces decoding now, so a truncated file fails here rather than later.
             opened.load()
-            image = _flatten(_to_8bit(opened), image_size)
+            image = _flatten(_to_8bit(opened), image_size, fit)
             if image is opened:
                 image = image.copy()
     return image
 
 
-def _flatten(image: Image.Image, image_size: int) -> Image.Image:
+def _flatten(image: Image.Image, image_size: int, fit: str = "long") -> Image.Image:
     """Shrink a huge image and composite its alpha over black: returns L or RGB."""
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
@@ -138,7 +139,7 @@ def _flatten(image: Image.Image, image_size: int) -> Image.Image:
         image = image.convert("RGB")  # palette, bilevel, CMYK...: RGB keeps all their information
     # Some clip art exceeds 100 megapixels; an integer box reduction first (PIL premultiplies alpha for
     # it) makes those several times cheaper and keeps 4x oversampling for the final Lanczos filter.
-    factor = max(image.size) // (4 * image_size)
+    factor = (max(image.size) if fit == "long" else min(image.size)) // (4 * image_size)
     if factor >= 2:
         image = image.reduce(factor)
     if has_alpha:

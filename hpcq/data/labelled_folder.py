@@ -79,16 +79,20 @@ def evaluation_image(path: Path, image_size: int, resize: int, channels: int) ->
         BadImageError: the file cannot be read or decoded.
     """
     try:
-        image = decode_image(path, max(image_size, resize))
+        image = decode_image(path, resize, fit="short")
     except Exception as exc:  # PIL raises many types for broken files; all mean "unusable"
         raise BadImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
     image = image.convert("L" if channels == 1 else "RGB")
     width, height = image.size
-    scale = resize / min(width, height)
-    size = (max(resize, round(width * scale)), max(resize, round(height * scale)))
+    # As torchvision's Resize(resize) and CenterCrop(image_size): the long side truncated, the crop's
+    # corner rounded.
+    if width <= height:
+        size = (resize, int(resize * height / width))
+    else:
+        size = (int(resize * width / height), resize)
     if size != image.size:
         image = image.resize(size, Image.Resampling.BILINEAR)
-    left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+    left, top = round((size[0] - image_size) / 2), round((size[1] - image_size) / 2)
     image = image.crop((left, top, left + image_size, top + image_size))
     return np.asarray(image, dtype=np.uint8).copy()
 
