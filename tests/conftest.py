@@ -2,6 +2,7 @@
 single-node Slurm (slurm/start-slurm.sh) for the tests marked ``slurm``."""
 
 import os
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,23 @@ def slurm_cluster() -> Iterator[None]:
 def sge_cluster() -> Iterator[None]:
     """A real single-node Grid Engine: qsub, qstat, qacct (slurm/start-sge.sh)."""
     yield from _scheduler_for_the_session(START_SGE, "Grid Engine", lambda status: status.startswith("qmaster"))
+
+
+@pytest.fixture(scope="session")
+def open_mpi() -> str:
+    """mpirun of Debian's openmpi-bin (installed on first use; root), for PBS-style launches."""
+    found = shutil.which("mpirun")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        pytest.skip("mpirun is missing and installing openmpi-bin needs root: apt-get install openmpi-bin")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"],
+                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "openmpi-bin"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=900)
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return shutil.which("mpirun") or pytest.fail("openmpi-bin installed no mpirun")
 
 
 @pytest.fixture

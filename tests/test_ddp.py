@@ -199,3 +199,26 @@ def test_slurm_job_with_two_tasks_runs_the_stage_under_srun(tmp_path, slurm_clus
     assert summary["images_seen"] == WORLD_SIZE * config.retrain.batches_per_epoch * config.retrain.batch_size
     assert load_artifact(run_dir / "label_free.hpcq").header["extra"]["retrain"]["world_size"] == WORLD_SIZE
     assert "rank1" in output  # both ranks logged into the job's output
+
+
+@pytest.mark.mpi
+def test_pbs_retrain_script_under_mpirun_as_pbs_runs_it(tmp_path, open_mpi):
+    # No PBS server installs here: the script runs as PBS runs it (PBS_NODEFILE listing the host once per
+    # process, PBS_JOBID, PBS_O_WORKDIR), and a real mpirun starts the ranks, which take their places from
+    # Open MPI's variables and the node file alone.
+    config, run_dir = make_run_dir(tmp_path, num_workers=0)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(config_to_dict(config)))
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("localhost\n" * WORLD_SIZE)
+    root = Path(__file__).resolve().parents[1]
+    env = {**_child_env(), "PBS_NODEFILE": str(nodefile), "PBS_JOBID": "4242.pbs01", "PBS_O_WORKDIR": str(root),
+           "SPEC": str(spec), "PYTHON": sys.executable,
+           "MPIRUN_ARGS": "--allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"}
+    done = subprocess.run(["sh", str(root / "slurm" / "retrain.pbs")], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = yaml.safe_load((run_dir / "retrain-label_free.json").read_text())
+    assert summary["world_size"] == WORLD_SIZE and summary["launcher"] == "pbs"
+    assert summary["images_seen"] == WORLD_SIZE * config.retrain.batches_per_epoch * config.retrain.batch_size
+    assert "rank1" in done.stdout + done.stderr
