@@ -147,21 +147,30 @@ def _child_env() -> dict:
     return env
 
 
-def test_torchrun_two_processes_run_the_stage(tmp_path):
+def quantized_run_with_spec(tmp_path: Path):
+    """A run directory up to quantized.hpcq, and its spec written as YAML."""
     config, run_dir = make_run_dir(tmp_path, num_workers=0)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(config_to_dict(config)))
+    return config, run_dir, spec
+
+
+def assert_two_ranks_retrained(config, run_dir: Path, launcher: str) -> None:
+    summary = yaml.safe_load((run_dir / "retrain-label_free.json").read_text())
+    assert summary["world_size"] == WORLD_SIZE and summary["launcher"] == launcher
+    assert summary["images_seen"] == WORLD_SIZE * config.retrain.batches_per_epoch * config.retrain.batch_size
+    assert load_artifact(run_dir / "label_free.hpcq").header["extra"]["retrain"]["world_size"] == WORLD_SIZE
+
+
+def test_torchrun_two_processes_run_the_stage(tmp_path):
+    config, run_dir, spec = quantized_run_with_spec(tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "hpcq.retrain_job", str(spec), "--no-progress"]
     done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    summary = yaml.safe_load((run_dir / "retrain-label_free.json").read_text())
-    assert summary["world_size"] == WORLD_SIZE and summary["launcher"] == "torchrun"
-    assert summary["images_seen"] == WORLD_SIZE * config.retrain.batches_per_epoch * config.retrain.batch_size
-    loaded = load_artifact(run_dir / "label_free.hpcq")
-    assert loaded.header["extra"]["retrain"]["world_size"] == WORLD_SIZE
+    assert_two_ranks_retrained(config, run_dir, "torchrun")
     assert "rank1" in done.stderr  # both ranks logged
 
 
@@ -181,9 +190,7 @@ def test_the_entry_point_exits_2_with_the_message_on_a_config_error(tmp_path):
 def test_slurm_job_with_two_tasks_runs_the_stage_under_srun(tmp_path, slurm_cluster):
     # A real batch job: sbatch allocates 2 tasks, srun starts one retraining process per task, and the
     # ranks, world size and rendezvous come from Slurm's variables alone.
-    config, run_dir = make_run_dir(tmp_path, num_workers=0)
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(config_to_dict(config)))
+    config, run_dir, spec = quantized_run_with_spec(tmp_path)
     log = tmp_path / "slurm-%j.out"
     command = ["sbatch", "--parsable", "--wait", "--job-name=hpcq-retrain", "--partition=debug",
                f"--ntasks={WORLD_SIZE}", "--cpus-per-task=1", "--time=10", f"--output={log}",
@@ -194,10 +201,7 @@ def test_slurm_job_with_two_tasks_runs_the_stage_under_srun(tmp_path, slurm_clus
     output = Path(str(log).replace("%j", job_id)).read_text() if job_id else ""
     assert done.returncode == 0, done.stderr[-2000:] + output[-3000:]
 
-    summary = yaml.safe_load((run_dir / "retrain-label_free.json").read_text())
-    assert summary["world_size"] == WORLD_SIZE and summary["launcher"] == "slurm"
-    assert summary["images_seen"] == WORLD_SIZE * config.retrain.batches_per_epoch * config.retrain.batch_size
-    assert load_artifact(run_dir / "label_free.hpcq").header["extra"]["retrain"]["world_size"] == WORLD_SIZE
+    assert_two_ranks_retrained(config, run_dir, "slurm")
     assert "rank1" in output  # both ranks logged into the job's output
 
 
@@ -206,9 +210,7 @@ def test_pbs_retrain_script_under_mpirun_as_pbs_runs_it(tmp_path, open_mpi):
     # No PBS server installs here: the script runs as PBS runs it (PBS_NODEFILE listing the host once per
     # process, PBS_JOBID, PBS_O_WORKDIR), and a real mpirun starts the ranks, which take their places from
     # Open MPI's variables and the node file alone.
-    config, run_dir = make_run_dir(tmp_path, num_workers=0)
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(config_to_dict(config)))
+    config, run_dir, spec = quantized_run_with_spec(tmp_path)
     nodefile = tmp_path / "nodefile"
     nodefile.write_text("localhost\n" * WORLD_SIZE)
     root = Path(__file__).resolve().parents[1]
@@ -218,7 +220,5 @@ def test_pbs_retrain_script_under_mpirun_as_pbs_runs_it(tmp_path, open_mpi):
     done = subprocess.run(["sh", str(root / "slurm" / "retrain.pbs")], env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = yaml.safe_load((run_dir / "retrain-label_free.json").read_text())
-    assert summary["world_size"] == WORLD_SIZE and summary["launcher"] == "pbs"
-    assert summary["images_seen"] == WORLD_SIZE * config.retrain.batches_per_epoch * config.retrain.batch_size
+    assert_two_ranks_retrained(config, run_dir, "pbs")
     assert "rank1" in done.stdout + done.stderr
