@@ -62,7 +62,11 @@ def labelled_folder_batches(config: RunConfig, root: str, limit_images: int | No
     from hpcq.data.labelled_folder import LabelledFolderBatches, read_labelled_folder
 
     d = config.data
-    folder = read_labelled_folder(root, num_classes).subset(limit_images, config.seed)
+    # Inside a run directory the listing is taken once (prepare) and read by every later stage and task.
+    run_dir = Path(config.run_dir)
+    digest = hashlib.sha256(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:12]
+    listing = run_dir / "labelled" / f"{digest}.json" if run_dir.is_dir() else None
+    folder = read_labelled_folder(root, num_classes, listing).subset(limit_images, config.seed)
     return LabelledFolderBatches(folder, image_size=d.image_size, resize=d.labelled_resize, channels=d.channels,
                                  mean=d.mean, std=d.std, batch_size=d.eval_batch_size, workers=d.eval_workers)
 

@@ -135,6 +135,7 @@ def test_a_run_sweeps_selects_and_reports_on_image_folders(tmp_path, small_check
     assert sweep and all(r["val"]["count"] == 120 for r in sweep)  # a seeded subset of the validation folder
     config = load_config(spec)
     assert sum(labels.numel() for _, labels in validation_batches(config, 120)) == 120
+    assert len(list((run / "labelled").glob("*.json"))) == 2  # both folders listed once, for every stage
     report = json.loads((run / "report.json").read_text())
     assert report["evaluation"]["teacher"]["test"]["count"] == 150
     assert "labelled test folder" in report["note"] and "150 images; 1 undecodable images skipped" in report["note"]
@@ -157,3 +158,19 @@ def test_transform_matches_torchvisions_resize_and_centre_crop(tmp_path, size):
     with Image.open(path) as image:
         expected = np.asarray(reference(image.convert("RGB")))
     assert np.array_equal(evaluation_image(path, image_size=200, resize=224, channels=3), expected)
+
+
+def test_listing_is_taken_once_and_read_back(tmp_path):
+    root = tmp_path / "val"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (4, 4), i).save(root / c / f"{i}.png")
+    listing = tmp_path / "run" / "labelled" / "val.json"
+    first = read_labelled_folder(root, 2, listing)
+    assert listing.is_file() and len(first.samples) == 6
+    Image.new("L", (4, 4)).save(root / "a" / "late.png")  # after the run listed the folder
+    assert read_labelled_folder(root, 2, listing) == first  # the run keeps its listing
+    assert len(read_labelled_folder(root, 2).samples) == 7
+    with pytest.raises(DataError, match="has 2 class subfolders but the model has 3 outputs"):
+        read_labelled_folder(root, 3, listing)

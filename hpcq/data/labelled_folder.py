@@ -9,6 +9,7 @@ DataLoader workers; an image that cannot be decoded is skipped, counted and repo
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from hpcq.data.images import BadImageError, decode_image, list_images
 from hpcq.data.memory import normalize
 from hpcq.errors import DataError
+from hpcq.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,13 @@ class LabelledFolder:
         return LabelledFolder(self.root, self.classes, tuple(self.samples[i] for i in sorted(order)))
 
 
-def read_labelled_folder(root: Path | str, expected_classes: int | None = None) -> LabelledFolder:
+def read_labelled_folder(root: Path | str, expected_classes: int | None = None,
+                         listing: Path | None = None) -> LabelledFolder:
     """List a labelled folder (``root/CLASS/.../image``).
+
+    ``listing``: a JSON file that keeps the listing, written the first time and read after that (when it
+    is of the same folder), so that the many tasks of a sweep do not each walk an ImageNet-sized tree on a
+    shared filesystem.
 
     Raises:
         DataError: ``root`` is missing or not a folder, has no class subfolders, a class subfolder holds no
@@ -57,19 +64,41 @@ def read_labelled_folder(root: Path | str, expected_classes: int | None = None) 
             f"labelled image folder {root} does not exist or is not a folder; point data.labelled_validation "
             "and data.labelled_test at folders with one subfolder per class (e.g. ImageNet's val/n01440764/...)"
         )
+    folder = _read_listing(root, listing) if listing is not None else None
+    if folder is None:
+        folder = _walk(root)
+        if listing is not None:
+            atomic_write_json(listing, {"root": str(root.resolve()), "classes": list(folder.classes),
+                                        "samples": [[str(path.relative_to(root)), label]
+                                                    for path, label in folder.samples]})
+    if expected_classes is not None and len(folder.classes) != expected_classes:
+        raise DataError(
+            f"labelled image folder {root} has {len(folder.classes)} class subfolders but the model has "
+            f"{expected_classes} outputs; the folder must hold one subfolder per output class"
+        )
+    return folder
+
+
+def _walk(root: Path) -> LabelledFolder:
     classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
     if not classes:
         raise DataError(f"labelled image folder {root} has no class subfolders: put each class's images in "
                         "a subfolder named after the class")
-    if expected_classes is not None and len(classes) != expected_classes:
-        raise DataError(
-            f"labelled image folder {root} has {len(classes)} class subfolders but the model has "
-            f"{expected_classes} outputs; the folder must hold one subfolder per output class"
-        )
     samples: list[tuple[Path, int]] = []
     for index, name in enumerate(classes):
         samples.extend((path, index) for path in list_images(root / name))
     return LabelledFolder(root, classes, tuple(samples))
+
+
+def _read_listing(root: Path, listing: Path) -> LabelledFolder | None:
+    try:
+        saved = json.loads(listing.read_text())
+    except (OSError, ValueError):
+        return None  # not written yet, or damaged: list again
+    if saved.get("root") != str(root.resolve()):
+        return None
+    return LabelledFolder(root, tuple(saved["classes"]),
+                          tuple((root / relative, int(label)) for relative, label in saved["samples"]))
 
 
 def evaluation_image(path: Path, image_size: int, resize: int, channels: int) -> np.ndarray:
