@@ -16,6 +16,7 @@ Nothing here is global state: the value is passed to whoever needs the rank.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -294,4 +295,9 @@ def distributed_context(
         yield chosen_device
     finally:
         if initialized_here and dist.is_initialized():
+            # A DistributedDataParallel wrapper that is garbage by now may still sit in a reference cycle
+            # holding the process group; left to the collector at interpreter exit, gloo's worker threads
+            # are torn down during finalization and the process aborts ("terminate called without an
+            # active exception", seen under srun and mpirun). Collect it while everything is alive.
+            gc.collect()
             dist.destroy_process_group()
