@@ -74,6 +74,14 @@ def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]
     return order
 
 
+def parameter_owners(model: nn.Module) -> dict[str, str]:
+    """Every parameter name, aliases of a shared (tied) tensor included -> the name ``named_parameters()``
+    lists that tensor under (the first one it reaches it from)."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(param), name)
+            for name, param in model.named_parameters(remove_duplicate=False)}
+
+
 def build_manifest(model: nn.Module, example_input: torch.Tensor | None = None) -> list[LayerInfo]:
     """Number the model's convolution and linear layers in forward order (see the module docstring)."""
     modules = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
@@ -85,15 +93,13 @@ def build_manifest(model: nn.Module, example_input: torch.Tensor | None = None) 
     total = sum(p.numel() for p in model.parameters()) or 1  # parameters() lists a tied tensor once
     # A shared tensor belongs to the first module named_parameters() reaches it from (registration order,
     # as state_dict() and quantize_ see it), which may come later in forward order, or not be a layer here.
-    owner_of: dict[int, str] = {}
-    for param_name, param in model.named_parameters(remove_duplicate=False):
-        owner_of.setdefault(id(param), param_name.rsplit(".", 1)[0] if "." in param_name else param_name)
+    owners = parameter_owners(model)
     rows = []
     for number, name in enumerate(names, start=1):
         module = modules[name]
         weight_count = module.weight.numel()
         bias_count = module.bias.numel() if module.bias is not None else 0
-        owner = owner_of.get(id(module.weight), name)
+        owner = owners[f"{name}.weight"].rsplit(".", 1)[0]
         tied_to = "" if owner == name else owner
         # A tied layer's weights are already counted with their owner.
         counted = (0 if tied_to else weight_count) + bias_count

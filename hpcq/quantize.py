@@ -13,7 +13,7 @@ from tqdm import tqdm
 from hpcq.config import KMeansConfig, QuantizeConfig
 from hpcq.errors import ConfigError, QuantizationError
 from hpcq.kmeans import fit_codebook
-from hpcq.manifest import LayerInfo, select_layers, shared_weight_layers
+from hpcq.manifest import LayerInfo, parameter_owners, select_layers, shared_weight_layers
 from hpcq.qtensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,7 @@ def quantize_(
 def _shared_parameters_once(model: nn.Module, targets: Mapping[str, int]) -> dict[str, int]:
     """The plan's parameter names, with every alias of a shared (tied) parameter replaced by the name
     ``named_parameters()`` lists it under; an alias and its owner planned with different k is an error."""
-    owner_name: dict[int, str] = {}
-    alias_to_owner: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        alias_to_owner[name] = owner_name.setdefault(id(param), name)
+    alias_to_owner = parameter_owners(model)
     resolved: dict[str, int] = {}
     for name, k in targets.items():
         owner = alias_to_owner.get(name, name)

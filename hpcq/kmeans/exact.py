@@ -228,14 +228,15 @@ def _dp(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, k: int) -> np.ndarray:
     return kernels.optimal_bounds(p0, p1, p2, k, max(2, knuth_from))
 
 
-def near_optimal_groups(stats: BinStats, k: int) -> np.ndarray:
+def near_optimal_groups(stats: BinStats, k: int, prefix: Prefix | None = None) -> np.ndarray:
     """Groups of bins for k centroids: the exact DP when the bins are few, else coarse DP, banded
-    refinement on the bins and Lloyd polish (see the module docstring). Returns k+1 boundaries."""
+    refinement on the bins and Lloyd polish (see the module docstring). Returns k+1 boundaries.
+    ``prefix``: the bins' prefix sums when the caller has them."""
     m = stats.size
     cells = coarse_cells(k)
-    prefix = Prefix(stats)
+    prefix = prefix or Prefix(stats)
     if m <= cells:
-        bounds = optimal_groups(stats, k)
+        bounds = _dp(prefix.p0, prefix.p1, prefix.p2, k)
     else:
         edges = _cell_edges(stats.means, cells)
         if edges.size - 1 < 2 * k:  # crowded by far outliers: the grid over where the mass is
@@ -288,8 +289,8 @@ def _refine_in_bands(prefix: Prefix, edges: np.ndarray, bounds: np.ndarray) -> n
 
 def fit_binned(values: np.ndarray, binned: Binned, k: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Centroids (sorted, float32 as stored), per-value assignments, and the SSE of those."""
-    bounds = near_optimal_groups(binned.stats, k)
     prefix = Prefix(binned.stats)
+    bounds = near_optimal_groups(binned.stats, k, prefix)
     means = prefix.means(bounds)
     centroids = means.astype(np.float32)
     group_of_bin = np.repeat(np.arange(k), np.diff(bounds))
